@@ -1,0 +1,247 @@
+"""The lifecycle engine: event in, machine step, one commit, effects out, outcomes back in.
+
+Theory of operation
+-------------------
+`fire(kind, key, trigger)` loads the entity's row, asks its machine for a `Step`, and commits the new row, the
+journal row and the step's effects in one transaction (`Store.apply`). Only then are the effects run. Each effect's
+outcome comes back as a trigger on the same entity, committed in the transaction that also deletes the effect from
+the outbox. So a crash at any point leaves either the effect in the outbox (it runs again: effects are idempotent)
+or its outcome committed (it does not run again), and never a transition journaled twice.
+
+Two engines may share a database (PostgreSQL). Writes are guarded by the row's version: the loser of a race gets
+`StaleVersion`, reloads the row and runs the machine again on what it finds, which may now refuse the trigger.
+
+Effects a process commits are claimed for a lease (`effect_lease`): the process runs them at once, and only if it
+dies do they become due for anyone's tick. `recover()` at start runs the never-tried ones without waiting.
+
+A failed attempt is not a transition: the outbox row keeps the attempt count and the time of the next try
+(exponential backoff, capped), the entity's row shows them as retry_count / retry_at, and after `max_attempts` the
+failure is fed back as the effect's `on_fail` trigger, which every machine maps to an explicit failed state.
+
+The scheduler calls `tick()`: entities whose `due_at` has come get the `tick` trigger, effects whose `run_at` has
+come run. Nothing is scheduled in memory, so a restart loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from actions import Actions
+from actions.clock import Clock
+from engine import executor
+from engine.errors import Contention, UnknownEntity
+from engine.executor import Fail, Ok, Retry
+from machines import Context, IllegalTrigger, Spec, spec_for
+from machines.base import effect_from_dict, effect_to_dict
+from store import EffectGone, Entity, NewEffect, PendingEffect, StaleVersion, Store, Transition
+
+log = logging.getLogger("meshloom.engine")
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """How hard the engine tries. Numbers with their reasons."""
+
+    effect_lease: float = 30.0  # seconds a committing process keeps its effects to itself before others may run them
+    max_attempts: int = 8  # 1+2+4+...+128 s: about four minutes of trying before an effect counts as failed
+    backoff_base: float = 1.0
+    backoff_cap: float = 300.0
+    conflict_retries: int = 50  # reload-and-retry rounds on StaleVersion before giving up
+    tick_batch: int = 1000  # due entities or effects handled per tick; the rest wait for the next one
+
+
+def backoff(attempt: int, policy: Policy) -> float:
+    """Seconds before try number `attempt + 1`: exponential, capped."""
+    return float(min(policy.backoff_cap, policy.backoff_base * 2 ** max(0, attempt - 1)))
+
+
+@dataclass
+class Stats:
+    transitions: int = 0
+    conflicts: int = 0
+    effects_run: int = 0
+    retries: int = 0
+    failures: int = 0
+    by_kind: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class TickReport:
+    entities: int
+    effects: int
+
+
+class Engine:
+    def __init__(
+        self,
+        store: Store,
+        actions: Actions,
+        clock: Clock,
+        *,
+        settings: Mapping[str, Any] | None = None,
+        policy: Policy | None = None,
+        jitter: Callable[[], float] | None = None,
+        actor: str = "engine",
+    ) -> None:
+        self.store, self.actions, self.clock = store, actions, clock
+        self.settings: Mapping[str, Any] = dict(settings or {})
+        self.policy = policy or Policy()
+        self._jitter = jitter or random.Random().random
+        self.actor = actor
+        self.stats = Stats()
+        self._queue: deque[PendingEffect] = deque()
+        self._lock = threading.RLock()
+        self._draining = False
+        # Hooks for the composition root: after each commit (tests use it to crash at the worst moment), and when a
+        # commit asks for a tick at a time (the scheduler wakes up early for it).
+        self.on_commit: Callable[[Entity, list[PendingEffect]], None] | None = None
+        self.on_due: Callable[[datetime], None] | None = None
+
+    # ---- firing ----------------------------------------------------------------------------------------------
+    def fire(self, kind: str, key: str, trigger: str, payload: Mapping[str, Any] | None = None, *,
+             actor: str | None = None, drain: bool = True, consumes: int | None = None) -> Entity | None:
+        """Run one trigger to commit; returns the entity after it (None if a guard made it a no-op on nothing)."""
+        spec = spec_for(kind)
+        with self._lock:
+            for _ in range(self.policy.conflict_retries):
+                current = self.store.get(kind, key)
+                try:
+                    committed = self._step(spec, kind, key, current, trigger, payload or {}, actor, consumes)
+                except StaleVersion:
+                    self.stats.conflicts += 1
+                    continue
+                if drain:
+                    self.drain()
+                return committed if committed is not None else current
+            raise Contention(kind, key, self.policy.conflict_retries)
+
+    def _step(self, spec: Spec, kind: str, key: str, current: Entity | None, trigger: str,
+              payload: Mapping[str, Any], actor: str | None, consumes: int | None) -> Entity | None:
+        if current is None and trigger != spec.create:
+            raise UnknownEntity(kind, key)
+        now = self.clock.now()
+        state = spec.state(current.state) if current is not None else None
+        ctx = Context(key=key, data=current.data if current else {}, payload=payload, now=now,
+                      jitter=self._jitter() * 2 - 1, settings=self.settings,
+                      due_at=current.due_at if current else None)
+        step = spec.step(state, trigger, ctx)
+        if step is None:
+            if consumes is not None:
+                self.store.drop_effect(consumes)
+            return None
+        lease = now + timedelta(seconds=self.policy.effect_lease)
+        transition = Transition(
+            kind=kind, key=key, expected_version=current.version if current else 0,
+            from_state=state.value if state is not None else None, to_state=step.dest.value, trigger=trigger,
+            reason=str(step.reason), actor=actor or self.actor, at=now, data=step.data, due_at=step.due_at,
+            detail=_detail(payload),
+            effects=tuple(NewEffect(type(e).__name__, effect_to_dict(e), lease) for e in step.effects),
+            consumes=consumes,
+        )
+        entity, pending = self.store.apply(transition)
+        self._record(transition)
+        if self.on_commit is not None:
+            self.on_commit(entity, pending)
+        if step.due_at is not None and self.on_due is not None:
+            self.on_due(step.due_at)
+        self._queue.extend(pending)
+        return entity
+
+    def _record(self, t: Transition) -> None:
+        """Log the transition with the same fields the journal row has (the audit and the log say one thing)."""
+        self.stats.transitions += 1
+        self.stats.by_kind[t.kind] = self.stats.by_kind.get(t.kind, 0) + 1
+        log.info("%s/%s %s -> %s on %s (%s)", t.kind, t.key, t.from_state or "-", t.to_state, t.trigger, t.reason,
+                 extra={"kind": t.kind, "key": t.key, "from_state": t.from_state, "to_state": t.to_state,
+                        "trigger": t.trigger, "reason": t.reason, "actor": t.actor})
+
+    # ---- effects ---------------------------------------------------------------------------------------------
+    def drain(self) -> int:
+        """Run the effects this process committed, and those their outcomes commit, until none are left."""
+        with self._lock:
+            if self._draining:
+                return 0
+            self._draining = True
+            n = 0
+            try:
+                while self._queue:
+                    self.run_effect(self._queue.popleft())
+                    n += 1
+            finally:
+                self._draining = False
+            return n
+
+    def run_effect(self, pending: PendingEffect) -> None:
+        with self._lock:
+            eff = effect_from_dict(pending.effect, pending.payload)
+            outcome = executor.run(self, eff, f"{pending.kind}/{pending.key}")
+            self.stats.effects_run += 1
+            if isinstance(outcome, Retry):
+                attempt = pending.attempts + 1
+                if attempt < self.policy.max_attempts:
+                    delay = outcome.after if outcome.after is not None else backoff(attempt, self.policy)
+                    run_at = self.clock.now() + timedelta(seconds=delay)
+                    self.stats.retries += 1
+                    try:
+                        self.store.postpone_effect(pending.id, attempt, run_at, outcome.reason)
+                    except EffectGone:
+                        return
+                    if self.on_due is not None:
+                        self.on_due(run_at)
+                    return
+                outcome = Fail(f"gave up after {attempt} attempts: {outcome.reason}")
+            if isinstance(outcome, Ok):
+                trigger, payload = eff.on_ok, dict(outcome.payload)
+            else:
+                self.stats.failures += 1
+                trigger, payload = eff.on_fail, {"reason": outcome.reason}
+                log.warning("%s/%s effect %s failed: %s", pending.kind, pending.key, pending.effect, outcome.reason)
+            if trigger is None:
+                self.store.drop_effect(pending.id)
+                return
+            try:
+                self.fire(pending.kind, pending.key, trigger, payload, actor=f"effect:{pending.effect}",
+                          drain=False, consumes=pending.id)
+            except EffectGone:
+                pass  # another engine fed this outcome back first
+            except (IllegalTrigger, UnknownEntity) as exc:
+                log.info("outcome of %s for %s/%s dropped: %s", pending.effect, pending.kind, pending.key, exc)
+                self.store.drop_effect(pending.id)
+
+    # ---- time ------------------------------------------------------------------------------------------------
+    def tick(self) -> TickReport:
+        """One scheduler tick: fire `tick` on every due entity, run every due effect."""
+        with self._lock:
+            now = self.clock.now()
+            due = self.store.due_entities(now, self.policy.tick_batch)
+            for entity in due:
+                try:
+                    self.fire(entity.kind, entity.key, "tick", actor="scheduler", drain=False)
+                except IllegalTrigger as exc:
+                    log.error("%s asked for a tick its state cannot take: %s", entity.ref, exc)
+            effects = self.store.due_effects(now, self.policy.tick_batch)
+            for pending in effects:
+                self.run_effect(pending)
+            self.drain()
+            return TickReport(len(due), len(effects))
+
+    def recover(self) -> int:
+        """At start: run what a previous process committed but never ran, without waiting for its lease."""
+        with self._lock:
+            pending = self.store.due_effects(self.clock.now(), self.policy.tick_batch, fresh_too=True)
+            for p in pending:
+                self.run_effect(p)
+            self.drain()
+            return len(pending)
+
+
+def _detail(payload: Mapping[str, Any]) -> str | None:
+    reason = payload.get("reason")
+    return str(reason) if reason is not None else None

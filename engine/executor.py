@@ -1,0 +1,152 @@
+"""Running effects: each effect type to the action (or engine-internal step) that carries it out.
+
+Every action error is translated here, once, into an outcome: `Ok(payload)`, `Retry(after, reason)` or
+`Fail(reason)`. The engine turns those into triggers (or, for Retry, into retry bookkeeping in the outbox row).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from actions import Actions
+from actions.errors import PermanentError, TemporaryError
+from machines import IllegalTrigger
+from machines.base import Effect, Fire, iso
+from machines.effects import (
+    ActivateCa,
+    CountOutstandingLeaves,
+    DeleteConfig,
+    DeliverSvid,
+    GenerateCa,
+    InjectSidecar,
+    PublishBundle,
+    PublishConfig,
+    ReissueLeaves,
+    ReleaseIdentity,
+    RequestIdentity,
+    SignSvid,
+    TeardownPod,
+    WithdrawSvid,
+)
+
+if TYPE_CHECKING:
+    from engine.core import Engine
+
+log = logging.getLogger("meshloom.engine")
+
+
+@dataclass(frozen=True, slots=True)
+class Ok:
+    payload: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    reason: str
+    after: float | None = None  # seconds; None: the engine's backoff decides
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    reason: str
+
+
+Outcome: TypeAlias = Ok | Retry | Fail
+Handler: TypeAlias = Callable[["Engine", Any, str], Mapping[str, Any] | None]
+
+# Certificates that still stand for their generation: not yet replaced, not yet expired or revoked.
+OUTSTANDING = ("issued", "delivered", "active", "rotation-due")
+SERVING = ("delivered", "active")
+BUNDLED = ("prepared", "active", "retiring")
+
+
+def run(engine: Engine, effect: Effect, origin: str) -> Outcome:
+    """Run one effect; `origin` is the entity that emitted it, the actor of any trigger it fires."""
+    handler = HANDLERS.get(type(effect))
+    if handler is None:
+        return Fail(f"no handler for effect {type(effect).__name__}")
+    try:
+        return Ok(handler(engine, effect, origin) or {})
+    except TemporaryError as exc:
+        return Retry(exc.reason, exc.retry_after)
+    except PermanentError as exc:
+        return Fail(exc.reason)
+
+
+# ---- actions -------------------------------------------------------------------------------------------------
+def _actions(engine: Engine) -> Actions:
+    return engine.actions
+
+
+def _sign(engine: Engine, e: SignSvid, origin: str) -> Mapping[str, Any]:
+    issued = _actions(engine).ca.sign_svid(e.spiffe_id, e.dns_names, e.ttl_seconds)
+    return {"serial": issued.serial, "generation": issued.generation, "not_before": iso(issued.not_before),
+            "not_after": iso(issued.not_after)}
+
+
+def _generate(engine: Engine, e: GenerateCa, origin: str) -> Mapping[str, Any]:
+    gen = _actions(engine).ca.generate(e.generation, e.ttl_seconds)
+    return {"not_before": iso(gen.not_before), "not_after": iso(gen.not_after)}
+
+
+def _publish_bundle(engine: Engine, e: PublishBundle, origin: str) -> None:
+    gens = tuple(sorted(c.key for c in engine.store.list("ca", states=BUNDLED)))
+    _actions(engine).delivery.publish_bundle(gens)
+
+
+def _publish_config(engine: Engine, e: PublishConfig, origin: str) -> Mapping[str, Any]:
+    _actions(engine).publisher.publish(e.sidecar, e.generation)
+    return {"generation": e.generation}
+
+
+# ---- steps on other entities (through the engine, so they are journaled like any other) ---------------------
+def _fire(engine: Engine, e: Fire, origin: str) -> None:
+    try:
+        engine.fire(e.kind, e.key, e.trigger, dict(e.payload), actor=origin, drain=False)
+    except IllegalTrigger as exc:
+        # The target has moved on (a late notification, a repeated one after a crash): nothing to do.
+        log.info("dropped %s/%s %s: %s", e.kind, e.key, e.trigger, exc)
+
+
+def _request_identity(engine: Engine, e: RequestIdentity, origin: str) -> None:
+    if engine.store.get("cert", e.cert) is None:
+        payload = {"owner": e.pod, "spiffe_id": e.spiffe_id, "dns_names": list(e.dns_names), "index": 1}
+        engine.fire("cert", e.cert, "request", payload, actor=origin, drain=False)
+
+
+def _release_identity(engine: Engine, e: ReleaseIdentity, origin: str) -> None:
+    for cert in engine.store.list("cert", states=(*OUTSTANDING, "requested", "superseded"), key_prefix=f"{e.pod}/"):
+        _fire(engine, Fire("cert", cert.key, "revoke"), origin)
+
+
+def _reissue(engine: Engine, e: ReissueLeaves, origin: str) -> None:
+    for cert in engine.store.list("cert", states=SERVING):
+        if cert.data.get("generation") != e.generation:
+            _fire(engine, Fire("cert", cert.key, "rotate"), origin)
+
+
+def _count_outstanding(engine: Engine, e: CountOutstandingLeaves, origin: str) -> Mapping[str, Any]:
+    certs = engine.store.list("cert", states=OUTSTANDING)
+    return {"outstanding": sum(1 for c in certs if c.data.get("generation") == e.generation)}
+
+
+HANDLERS: dict[type[Effect], Handler] = {
+    InjectSidecar: lambda engine, e, origin: _actions(engine).platform.inject(e.pod),
+    TeardownPod: lambda engine, e, origin: _actions(engine).platform.teardown(e.pod),
+    RequestIdentity: _request_identity,
+    ReleaseIdentity: _release_identity,
+    SignSvid: _sign,
+    DeliverSvid: lambda engine, e, origin: _actions(engine).delivery.deliver(e.owner, e.cert),
+    WithdrawSvid: lambda engine, e, origin: _actions(engine).delivery.withdraw(e.owner, e.cert),
+    GenerateCa: _generate,
+    ActivateCa: lambda engine, e, origin: _actions(engine).ca.activate(e.generation),
+    PublishBundle: _publish_bundle,
+    ReissueLeaves: _reissue,
+    CountOutstandingLeaves: _count_outstanding,
+    PublishConfig: _publish_config,
+    DeleteConfig: lambda engine, e, origin: _actions(engine).publisher.delete(e.sidecar),
+    Fire: _fire,
+}

@@ -1,0 +1,147 @@
+"""The pod lifecycle: from admission to a ready, meshed workload, and out again.
+
+Theory of operation
+-------------------
+A pod enters when the platform admits it into the mesh and leaves when the platform says it is gone. In between it
+walks one path, each step waiting for one fact:
+
+    admitted --injected--> injected --schedule--> scheduled --identity_requested--> identity-requested
+      --identity_issued--> identity-issued --sidecar_connected--> sidecar-connected
+      --config_synced--> config-synced --ready--> ready --terminate--> terminating --gone--> gone
+
+so the state alone says what a pod that is not ready is still missing: its certificate (identity-requested), its
+sidecar's connection (identity-issued), its first configuration (sidecar-connected) or its proxy (config-synced).
+The steps the mesh itself drives (everything from admission to config-synced, except waiting for the platform to
+schedule the pod) carry a deadline; a tick after it moves the pod to `failed` with `step-timed-out`, so no pod stays
+stuck unnoticed. `failed` keeps the reason; `reset` starts the pod over, `terminate` takes it out.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from machines.base import Context, Data, Effect, Fire, Rule, Spec, after, is_due
+from machines.effects import InjectSidecar, ReleaseIdentity, RequestIdentity, TeardownPod
+
+KIND = "pod"
+DEFAULT_STEP_TIMEOUT = 300.0  # seconds; generous next to a 1 h SVID and a 10 s config window, short next to a page
+
+
+class PodState(enum.Enum):
+    admitted = "admitted"
+    injected = "injected"
+    scheduled = "scheduled"
+    identity_requested = "identity-requested"
+    identity_issued = "identity-issued"
+    sidecar_connected = "sidecar-connected"
+    config_synced = "config-synced"
+    ready = "ready"
+    terminating = "terminating"
+    gone = "gone"
+    failed = "failed"
+
+
+class PodReason(enum.StrEnum):
+    ADMITTED = "admitted"
+    INJECTED = "injected"
+    SCHEDULED = "scheduled"
+    IDENTITY_REQUESTED = "identity-requested"
+    IDENTITY_ISSUED = "identity-issued"
+    SIDECAR_CONNECTED = "sidecar-connected"
+    CONFIG_SYNCED = "config-synced"
+    READY = "ready"
+    TERMINATING = "terminating"
+    GONE = "gone"
+    STEP_TIMED_OUT = "step-timed-out"
+    FAILED = "failed"
+    RESET = "reset"
+
+
+REASONS = {
+    PodReason.ADMITTED: "admitted into the mesh",
+    PodReason.INJECTED: "init step and sidecar injected",
+    PodReason.SCHEDULED: "placed on a node with an address",
+    PodReason.IDENTITY_REQUESTED: "certificate requested from the mesh CA",
+    PodReason.IDENTITY_ISSUED: "certificate issued",
+    PodReason.SIDECAR_CONNECTED: "sidecar connected to the control plane",
+    PodReason.CONFIG_SYNCED: "sidecar acknowledged its first configuration",
+    PodReason.READY: "proxy up: certificate, configuration and proxy all present",
+    PodReason.TERMINATING: "termination started",
+    PodReason.GONE: "removed from the platform",
+    PodReason.STEP_TIMED_OUT: "a step the mesh drives did not finish before its deadline",
+    PodReason.FAILED: "an effect failed for good",
+    PodReason.RESET: "started over by an operator",
+}
+
+S = PodState
+LIVE = (S.admitted, S.injected, S.scheduled, S.identity_requested, S.identity_issued, S.sidecar_connected,
+        S.config_synced, S.ready)
+# The steps whose next fact the mesh produces; waiting to be scheduled is the platform's business.
+DRIVEN = (S.admitted, S.scheduled, S.identity_requested, S.identity_issued, S.sidecar_connected, S.config_synced)
+
+
+def spiffe_id(ctx: Context) -> str:
+    domain = ctx.setting("trust_domain", "example.org")
+    return f"spiffe://{domain}/ns/{ctx.data['namespace']}/sa/{ctx.data['service_account']}"
+
+
+def _deadline(ctx: Context, data: Data) -> datetime | None:
+    return after(ctx, "pod_step_timeout", DEFAULT_STEP_TIMEOUT)
+
+
+def _admit(ctx: Context) -> dict[str, object]:
+    namespace, _, name = ctx.key.partition("/")
+    return {
+        "namespace": ctx.payload.get("namespace", namespace),
+        "name": ctx.payload.get("name", name),
+        "service_account": ctx.payload.get("service_account", "default"),
+        "labels": dict(ctx.payload.get("labels", {})),
+    }
+
+
+def _request_identity(ctx: Context) -> tuple[Effect, ...]:
+    dns = [f"{ctx.data['name']}.{ctx.data['namespace']}.pod"]
+    return (RequestIdentity(ctx.key, f"{ctx.key}/1", spiffe_id(ctx), tuple(dns)),)
+
+
+def _terminate(ctx: Context) -> tuple[Effect, ...]:
+    return (ReleaseIdentity(ctx.key), Fire("sidecar", ctx.key, "remove"), TeardownPod(ctx.key))
+
+
+def _failure(ctx: Context) -> dict[str, object]:
+    return {"failure": ctx.payload.get("reason", "unknown")}
+
+
+def _timed_out(ctx: Context) -> dict[str, object]:
+    return {"failure": f"step-timed-out in {ctx.state}"}
+
+
+R = PodReason
+RULES: tuple[Rule, ...] = (
+    Rule("admit", (), S.admitted, R.ADMITTED, update=_admit,
+         effects=lambda ctx: (InjectSidecar(ctx.key),), due=_deadline),
+    Rule("injected", (S.admitted,), S.injected, R.INJECTED),
+    Rule("schedule", (S.injected,), S.scheduled, R.SCHEDULED,
+         update=lambda ctx: {"node": ctx.payload.get("node"), "ip": ctx.payload.get("ip")},
+         effects=_request_identity, due=_deadline),
+    Rule("identity_requested", (S.scheduled,), S.identity_requested, R.IDENTITY_REQUESTED,
+         due=_deadline),
+    Rule("identity_issued", (S.identity_requested,), S.identity_issued, R.IDENTITY_ISSUED,
+         update=lambda ctx: {"cert": ctx.payload.get("cert")}, due=_deadline),
+    Rule("sidecar_connected", (S.identity_issued,), S.sidecar_connected, R.SIDECAR_CONNECTED,
+         effects=lambda ctx: (Fire("sidecar", ctx.key, "register", {"owner": ctx.key}),),
+         due=_deadline),
+    Rule("config_synced", (S.sidecar_connected,), S.config_synced, R.CONFIG_SYNCED,
+         due=_deadline),
+    Rule("ready", (S.config_synced,), S.ready, R.READY),
+    Rule("tick", DRIVEN, S.failed, R.STEP_TIMED_OUT, guard=is_due, update=_timed_out),
+    Rule("terminate", (*LIVE, S.failed), S.terminating, R.TERMINATING, effects=_terminate),
+    Rule("gone", (S.terminating,), S.gone, R.GONE),
+    Rule("fail", (*LIVE, S.terminating), S.failed, R.FAILED, update=_failure),
+    Rule("reset", (S.failed,), S.admitted, R.RESET, effects=lambda ctx: (InjectSidecar(ctx.key),),
+         due=_deadline),
+)
+
+SPEC = Spec(KIND, PodState, create="admit", initial=S.admitted, rules=RULES, reasons=REASONS,
+            terminal=frozenset({S.gone}))
