@@ -82,7 +82,7 @@ class Engine:
     def __init__(
         self,
         store: Store,
-        actions: Actions,
+        actions: Actions | None,
         clock: Clock,
         *,
         settings: Mapping[str, Any] | None = None,

@@ -78,6 +78,8 @@ def run(engine: Engine, effect: Effect, origin: str) -> Outcome:
 
 # ---- actions -------------------------------------------------------------------------------------------------
 def _actions(engine: Engine) -> Actions:
+    if engine.actions is None:  # an engine that only commits (meshctl fire) leaves effects to the control plane
+        raise TemporaryError("this process runs no effects")
     return engine.actions
 
 

@@ -230,7 +230,7 @@ class Spec:
         with self._lock:
             self._machine.add_model(model, initial=state)
             try:
-                moved = model.trigger(trigger, ctx=ctx)
+                moved = model.trigger(trigger, ctx=ctx)  # added by add_model
             except MachineError:
                 raise IllegalTrigger(self.kind, state.value, trigger) from None
             finally:

@@ -78,7 +78,7 @@ class CertReason(enum.StrEnum):
     RETRY = "retry"
 
 
-CERT_REASONS = {
+CERT_REASONS: dict[str, str] = {
     CertReason.REQUESTED: "signature requested from the mesh CA",
     CertReason.ISSUED: "signed by the mesh CA",
     CertReason.DELIVERED: "handed to the node agent",
@@ -212,7 +212,7 @@ class CaReason(enum.StrEnum):
     RETRY = "retry"
 
 
-CA_REASONS = {
+CA_REASONS: dict[str, str] = {
     CaReason.PREPARING: "keys and certificate being made",
     CaReason.PREPARED: "ready, and in the trust bundle before it signs anything",
     CaReason.ACTIVATED: "now signs new leaves; leaves of other generations asked to rotate",

@@ -58,7 +58,7 @@ class PodReason(enum.StrEnum):
     RESET = "reset"
 
 
-REASONS = {
+REASONS: dict[str, str] = {
     PodReason.ADMITTED: "admitted into the mesh",
     PodReason.INJECTED: "init step and sidecar injected",
     PodReason.SCHEDULED: "placed on a node with an address",
@@ -72,6 +72,21 @@ REASONS = {
     PodReason.STEP_TIMED_OUT: "a step the mesh drives did not finish before its deadline",
     PodReason.FAILED: "an effect failed for good",
     PodReason.RESET: "started over by an operator",
+}
+
+# What a pod in each state is still waiting for: `meshctl state pods` says it (users' complaint #1).
+WAITING_FOR = {
+    PodState.admitted: "sidecar injection",
+    PodState.injected: "the platform to schedule it",
+    PodState.scheduled: "its certificate request",
+    PodState.identity_requested: "its certificate",
+    PodState.identity_issued: "its sidecar to connect",
+    PodState.sidecar_connected: "its first configuration to be acknowledged",
+    PodState.config_synced: "its proxy to come up",
+    PodState.ready: "",
+    PodState.terminating: "teardown",
+    PodState.gone: "",
+    PodState.failed: "an operator (reset or terminate)",
 }
 
 S = PodState

@@ -63,7 +63,7 @@ class RolloutReason(enum.StrEnum):
     REMOVED = "removed"
 
 
-REASONS = {
+REASONS: dict[str, str] = {
     RolloutReason.REGISTERED: "sidecar joined: its first document is on the way",
     RolloutReason.CHANGED: "its document changed",
     RolloutReason.WINDOW_CLOSED: "the coalescing window closed: publishing the desired generation",
@@ -90,15 +90,15 @@ def _gen(ctx: Context) -> int:
 
 
 def _acked_all(ctx: Context) -> bool:
-    return _gen(ctx) >= ctx.data["desired"]
+    return _gen(ctx) >= int(ctx.data["desired"])
 
 
 def _first_ack(ctx: Context) -> bool:
-    return _acked_all(ctx) and not ctx.data["owner_notified"]
+    return _acked_all(ctx) and not bool(ctx.data["owner_notified"])
 
 
 def _published_current(ctx: Context) -> bool:
-    return _gen(ctx) >= ctx.data["desired"]
+    return _gen(ctx) >= int(ctx.data["desired"])
 
 
 def _register(ctx: Context) -> dict[str, object]:

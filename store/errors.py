@@ -52,4 +52,6 @@ class SchemaOutdated(DatabaseError):
 
 class SchemaTooNew(DatabaseError):
     def __init__(self, url: str, current: str) -> None:
-        super().__init__(f"the database at {url} is at schema {current}, newer than this meshctl knows: upgrade meshctl")
+        super().__init__(
+            f"the database at {url} is at schema {current}, newer than this meshctl knows: upgrade meshctl"
+        )

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, inspect
 
+from alembic import command
 from store.errors import SchemaMissing, SchemaOutdated, SchemaTooNew
 
 # alembic/ lives at the top of the source tree, beside the packages (installs are editable; see README).
@@ -31,6 +31,18 @@ def head() -> str:
 
 def current(conn: Connection) -> str | None:
     return MigrationContext.configure(conn).get_current_revision()
+
+
+def current_at(url: str) -> str | None:
+    """The schema revision of the database at `url` (None: no schema yet)."""
+    from store.sql import Store
+
+    store = Store(url, check_schema=False)
+    try:
+        with store.engine.connect() as conn:
+            return current(conn)
+    finally:
+        store.close()
 
 
 def require_head(conn: Connection, url: str) -> None:

@@ -6,6 +6,7 @@ emits, and the deletion of the outbox row it answers. Either all of it is there 
 
 from __future__ import annotations
 
+import builtins
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -121,7 +122,7 @@ class Store:
         return _entity(row) if row is not None else None
 
     def list(self, kind: str | None = None, states: Sequence[str] | None = None,
-             key_prefix: str | None = None) -> list[Entity]:
+             key_prefix: str | None = None) -> builtins.list[Entity]:
         query = select(entities).order_by(entities.c.kind, entities.c.key)
         if kind is not None:
             query = query.where(entities.c.kind == kind)
@@ -132,7 +133,7 @@ class Store:
         with self._connect() as conn:
             return [_entity(r) for r in conn.execute(query)]
 
-    def due_entities(self, now: datetime, limit: int = 1000) -> list[Entity]:
+    def due_entities(self, now: datetime, limit: int = 1000) -> builtins.list[Entity]:
         query = select(entities).where(entities.c.due_at <= now).order_by(entities.c.due_at).limit(limit)
         with self._connect() as conn:
             return [_entity(r) for r in conn.execute(query)]
@@ -154,7 +155,7 @@ class Store:
         return out
 
     # ---- the one write ---------------------------------------------------------------------------------------
-    def apply(self, t: Transition) -> tuple[Entity, list[PendingEffect]]:
+    def apply(self, t: Transition) -> tuple[Entity, builtins.list[PendingEffect]]:
         """Commit a transition with its journal row and effects; raise StaleVersion if another writer won."""
         version = t.expected_version + 1
         try:
@@ -192,8 +193,8 @@ class Store:
 
     @staticmethod
     def _insert_effects(conn: Connection, kind: str, key: str, effects: Sequence[NewEffect],
-                        at: datetime) -> list[PendingEffect]:
-        pending = []
+                        at: datetime) -> builtins.list[PendingEffect]:
+        pending: builtins.list[PendingEffect] = []
         for e in effects:
             new_id = conn.execute(
                 insert(outbox).values(kind=kind, key=key, effect=e.effect, payload=dict(e.payload), attempts=0,
@@ -203,7 +204,7 @@ class Store:
         return pending
 
     # ---- the outbox ------------------------------------------------------------------------------------------
-    def due_effects(self, now: datetime, limit: int = 1000, *, fresh_too: bool = False) -> list[PendingEffect]:
+    def due_effects(self, now: datetime, limit: int = 1000, *, fresh_too: bool = False) -> builtins.list[PendingEffect]:
         """Effects whose time has come; `fresh_too` adds never-tried ones whatever their lease (crash recovery)."""
         cond = outbox.c.run_at <= now
         if fresh_too:
@@ -212,7 +213,7 @@ class Store:
         with self._connect() as conn:
             return [_pending(r) for r in conn.execute(query)]
 
-    def pending_effects(self, kind: str | None = None, key: str | None = None) -> list[PendingEffect]:
+    def pending_effects(self, kind: str | None = None, key: str | None = None) -> builtins.list[PendingEffect]:
         query = select(outbox).order_by(outbox.c.id)
         if kind is not None:
             query = query.where(outbox.c.kind == kind)
@@ -240,13 +241,13 @@ class Store:
             return bool(conn.execute(delete(outbox).where(outbox.c.id == effect_id)).rowcount)
 
     # ---- the journal -----------------------------------------------------------------------------------------
-    def journal(self, kind: str, key: str) -> list[JournalEntry]:
+    def journal(self, kind: str, key: str) -> builtins.list[JournalEntry]:
         query = (select(journal).where(journal.c.kind == kind, journal.c.key == key)
                  .order_by(journal.c.version))
         with self._connect() as conn:
             return [_journal(r) for r in conn.execute(query)]
 
-    def journal_all(self, after_id: int = 0, limit: int = 10_000) -> list[JournalEntry]:
+    def journal_all(self, after_id: int = 0, limit: int = 10_000) -> builtins.list[JournalEntry]:
         query = select(journal).where(journal.c.id > after_id).order_by(journal.c.id).limit(limit)
         with self._connect() as conn:
             return [_journal(r) for r in conn.execute(query)]

@@ -44,7 +44,7 @@ class PostgresServer:
 
     def stop(self) -> None:
         subprocess.run([*self._as_user, str(self._bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate",
-                        "-w", "stop"], capture_output=True, timeout=60)
+                        "-w", "stop"], check=False, capture_output=True, timeout=60)
         shutil.rmtree(self.datadir.parent, ignore_errors=True)
 
     def create_database(self, name: str) -> str:

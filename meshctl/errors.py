@@ -1,0 +1,32 @@
+"""The one place where errors become exit codes."""
+
+from __future__ import annotations
+
+from engine import EngineError, UnknownEntity
+from machines import IllegalKind, IllegalTrigger
+from meshctl.context import UsageProblem
+from store import Conflict, DatabaseError
+
+USAGE = 2  # the command line itself is wrong
+NOT_FOUND = 3  # the entity does not exist
+REFUSED = 4  # the lifecycle refuses the trigger in the entity's state
+DATABASE = 5  # the database cannot be used (unreachable, no schema, old schema)
+BUSY = 6  # another writer or another control plane is in the way
+
+_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (UsageProblem, USAGE),
+    (IllegalKind, USAGE),
+    (UnknownEntity, NOT_FOUND),
+    (IllegalTrigger, REFUSED),
+    (DatabaseError, DATABASE),
+    (Conflict, BUSY),
+    (EngineError, BUSY),
+)
+
+
+def exit_code_for(exc: BaseException) -> int | None:
+    """The exit code for an error meshctl knows how to explain in one line; None for a bug (traceback)."""
+    for cls, code in _CODES:
+        if isinstance(exc, cls):
+            return code
+    return None

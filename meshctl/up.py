@@ -1,0 +1,90 @@
+"""`meshctl up`: the control plane on its embedded default, in the foreground until stopped.
+
+Until the single-host mesh lands (pods as network namespaces, HAProxy sidecars), the effects run through the
+behaving fakes in actions/: a CA that really signs in memory, and in-memory delivery and publishing.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+from rich.console import Console
+
+from actions import fake_actions
+from actions.clock import SystemClock
+from engine import Engine, Runner, ensure_ca
+from meshctl.context import Paths
+from meshctl.errors import BUSY
+from store import Store, migrate
+
+console = Console(highlight=False)
+
+
+class AlreadyRunning(Exception):
+    pass
+
+
+def _lock(state_dir: Path) -> int:
+    """One control plane per state directory: a second `up` is refused instead of racing the first."""
+    path = state_dir / "control-plane.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode().strip() or "?"
+        os.close(fd)
+        raise AlreadyRunning(f"a control plane already runs on {state_dir} (pid {holder})") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
+def _summary(store: Store) -> str:
+    counts = store.counts()
+    if not counts:
+        return "no entities yet"
+    return "; ".join(f"{kind}: " + ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+                     for kind, states in sorted(counts.items()))
+
+
+def run(paths: Paths, *, tick_seconds: float, run_for: float | None) -> None:
+    paths.ensure_state_dir()
+    try:
+        lock = _lock(paths.state_dir)
+    except AlreadyRunning as exc:
+        console.print(f"meshctl: {exc}", style="red")
+        raise SystemExit(BUSY) from None
+    try:
+        before, after = migrate.upgrade(paths.url)
+        store = Store(paths.url)
+        clock = SystemClock()
+        engine = Engine(store, fake_actions(clock), clock)
+        runner = Runner(engine, tick_seconds=tick_seconds)
+        stop = threading.Event()
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            stop.set()
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        console.print(f"[bold]Meshloom control plane[/bold] (pid {os.getpid()})")
+        console.print(f"  state dir  {paths.state_dir}")
+        console.print(f"  database   {paths.shown} (schema {after}{'' if before == after else f', from {before}'})")
+        recovered = engine.recover()
+        ensure_ca(engine)
+        runner.start()
+        console.print(f"  engine     ticking every {tick_seconds:g}s; recovered {recovered} pending effect(s)")
+        console.print(f"  entities   {_summary(store)}")
+        console.print("Ready. Stop with Ctrl-C. Inspect with 'meshctl state pods|certs|sidecars|cas' and "
+                      "'meshctl audit KIND/KEY'.")
+        stop.wait(run_for)
+        runner.stop()
+        console.print(f"Stopped. {engine.stats.transitions} transition(s) this run; {_summary(store)}.")
+        store.close()
+    finally:
+        os.close(lock)
