@@ -36,11 +36,11 @@ from typing import Any
 from actions import Actions
 from actions.clock import Clock
 from engine import executor
-from engine.errors import Contention, UnknownEntity
+from engine.errors import Contention, InvalidKey, UnknownEntity
 from engine.executor import Fail, Ok, Retry
 from machines import Context, IllegalTrigger, Spec, spec_for
 from machines.base import effect_from_dict, effect_to_dict
-from store import EffectGone, Entity, NewEffect, PendingEffect, StaleVersion, Store, Transition
+from store import KEY_LENGTH, EffectGone, Entity, NewEffect, PendingEffect, StaleVersion, Store, Transition
 
 log = logging.getLogger("meshloom.engine")
 
@@ -50,7 +50,7 @@ class Policy:
     """How hard the engine tries. Numbers with their reasons."""
 
     effect_lease: float = 30.0  # seconds a committing process keeps its effects to itself before others may run them
-    max_attempts: int = 8  # 1+2+4+...+128 s: about four minutes of trying before an effect counts as failed
+    max_attempts: int = 8  # waits of 1+2+...+64 s: about two minutes of trying before an effect counts as failed
     backoff_base: float = 1.0
     backoff_cap: float = 300.0
     conflict_retries: int = 50  # reload-and-retry rounds on StaleVersion before giving up
@@ -109,6 +109,8 @@ class Engine:
              actor: str | None = None, drain: bool = True, consumes: int | None = None) -> Entity | None:
         """Run one trigger to commit; returns the entity after it (None if a guard made it a no-op on nothing)."""
         spec = spec_for(kind)
+        if not 0 < len(key) <= KEY_LENGTH:
+            raise InvalidKey(kind, key, KEY_LENGTH)
         with self._lock:
             for _ in range(self.policy.conflict_retries):
                 current = self.store.get(kind, key)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from actions import Actions
 from actions.errors import PermanentError, TemporaryError
+from engine.errors import UnknownEntity
 from machines import IllegalTrigger
 from machines.base import Effect, Fire, iso
 from machines.effects import (
@@ -74,6 +75,9 @@ def run(engine: Engine, effect: Effect, origin: str) -> Outcome:
         return Retry(exc.reason, exc.retry_after)
     except PermanentError as exc:
         return Fail(exc.reason)
+    except Exception as exc:  # an error the action did not classify: retried, and failed for good after the last try
+        log.exception("effect %s raised an unclassified error", type(effect).__name__)
+        return Retry(f"{type(exc).__name__}: {exc}")
 
 
 # ---- actions -------------------------------------------------------------------------------------------------
@@ -108,15 +112,27 @@ def _publish_config(engine: Engine, e: PublishConfig, origin: str) -> Mapping[st
 def _fire(engine: Engine, e: Fire, origin: str) -> None:
     try:
         engine.fire(e.kind, e.key, e.trigger, dict(e.payload), actor=origin, drain=False)
-    except IllegalTrigger as exc:
-        # The target has moved on (a late notification, a repeated one after a crash): nothing to do.
+    except (IllegalTrigger, UnknownEntity) as exc:
+        # The target has moved on or is gone (a late notification, a repeated one after a crash): nothing to do.
         log.info("dropped %s/%s %s: %s", e.kind, e.key, e.trigger, exc)
 
 
-def _request_identity(engine: Engine, e: RequestIdentity, origin: str) -> None:
-    if engine.store.get("cert", e.cert) is None:
-        payload = {"owner": e.pod, "spiffe_id": e.spiffe_id, "dns_names": list(e.dns_names), "index": 1}
-        engine.fire("cert", e.cert, "request", payload, actor=origin, drain=False)
+def _request_identity(engine: Engine, e: RequestIdentity, origin: str) -> Mapping[str, Any] | None:
+    certs = engine.store.list("cert", key_prefix=f"{e.pod}/")
+    live = [c for c in certs if c.state in (*OUTSTANDING, "requested", "failed")]
+    serving = [c for c in live if c.state in OUTSTANDING]
+    if serving:
+        return {"issued": max(serving, key=lambda c: int(c.data.get("index", 0))).key}
+    if live:
+        newest = max(live, key=lambda c: int(c.data.get("index", 0)))
+        if newest.state == "failed":
+            _fire(engine, Fire("cert", newest.key, "retry"), origin)
+        return None  # the certificate in flight tells the pod when it is issued
+    index = 1 + max((int(c.data.get("index", 0)) for c in certs), default=0)
+    payload = {"owner": e.pod, "spiffe_id": e.spiffe_id, "dns_names": list(e.dns_names), "index": index,
+               "notify_owner": True}
+    engine.fire("cert", f"{e.pod}/{index}", "request", payload, actor=origin, drain=False)
+    return None
 
 
 def _release_identity(engine: Engine, e: ReleaseIdentity, origin: str) -> None:

@@ -165,6 +165,7 @@ class _Model:
 
     state: enum.Enum
     fired: Rule | None
+    trigger: Callable[..., bool]  # added by `Machine.add_model`
 
 
 class Spec:
@@ -230,7 +231,7 @@ class Spec:
         with self._lock:
             self._machine.add_model(model, initial=state)
             try:
-                moved = model.trigger(trigger, ctx=ctx)  # added by add_model
+                moved = model.trigger(trigger, ctx=ctx)
             except MachineError:
                 raise IllegalTrigger(self.kind, state.value, trigger) from None
             finally:

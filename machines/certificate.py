@@ -110,6 +110,8 @@ def _request(ctx: Context) -> dict[str, object]:
         "dns_names": list(p.get("dns_names", ())),
         "index": int(p.get("index", 1)),
         "supersedes": p.get("supersedes"),
+        # Only the certificate a pod waits for tells it; its successors rotate silently.
+        "notify_owner": bool(p.get("notify_owner")),
         "ttl_seconds": float(p.get("ttl_seconds", ctx.setting("svid_ttl", DEFAULT_SVID_TTL))),
     }
 
@@ -130,7 +132,7 @@ def _issued(ctx: Context) -> dict[str, object]:
 
 def _on_issued(ctx: Context) -> tuple[Effect, ...]:
     effects: list[Effect] = [DeliverSvid(ctx.key, ctx.data["owner"])]
-    if ctx.data["index"] == 1:  # the first certificate is what the pod waits for; rotations are silent
+    if ctx.data.get("notify_owner"):
         effects.append(Fire("pod", ctx.data["owner"], "identity_issued", {"cert": ctx.key}))
     return tuple(effects)
 
@@ -150,8 +152,9 @@ def _successor(ctx: Context) -> tuple[Effect, ...]:
 
 
 def _failed(ctx: Context) -> tuple[Effect, ...]:
-    if ctx.data.get("index") == 1:
-        return (Fire("pod", ctx.data["owner"], "fail", {"reason": f"identity: {ctx.payload.get('reason')}"}),)
+    if ctx.data.get("notify_owner"):
+        reason = ctx.payload.get("reason", "unknown")
+        return (Fire("pod", ctx.data["owner"], "fail", {"reason": f"identity: {reason}"}),)
     return ()
 
 
@@ -231,6 +234,10 @@ def _retire_check(ctx: Context, data: Data) -> datetime | None:
     return after(ctx, "ca_retire_check", DEFAULT_RETIRE_CHECK)
 
 
+def _ca_retry_later(ctx: Context, data: Data) -> datetime | None:
+    return after(ctx, "ca_retry_after", DEFAULT_RETRY_AFTER)
+
+
 def _none_left(ctx: Context) -> bool:
     return int(ctx.payload.get("outstanding", 1)) == 0
 
@@ -270,7 +277,7 @@ CA_RULES: tuple[Rule, ...] = (
          effects=lambda ctx: (PublishBundle(),)),
     Rule("checked", (A.retiring,), A.retiring, _R.LEAVES_OUTSTANDING, due=_retire_check),
     Rule("fail", (A.preparing,), A.failed, _R.FAILED,
-         update=lambda ctx: {"failure": ctx.payload.get("reason", "unknown")}, due=_retry_later),
+         update=lambda ctx: {"failure": ctx.payload.get("reason", "unknown")}, due=_ca_retry_later),
     Rule("tick", (A.failed,), A.preparing, _R.RETRY, guard=is_due, effects=_generate),
 )
 

@@ -25,10 +25,13 @@ class InjectSidecar(Effect):
 @effect
 @dataclass(frozen=True, slots=True)
 class RequestIdentity(Effect):
-    """Create the pod's first certificate entity (idempotent: an existing live one is kept)."""
+    """Make sure the pod has a live certificate: keep one in flight, retry a failed one, or request a new one.
+
+    The outcome carries `issued` (the certificate's key) when the pod's certificate is already issued, as after a
+    reset, so that the pod does not wait for a notification that was sent while it was failed.
+    """
 
     pod: str
-    cert: str
     spiffe_id: str
     dns_names: tuple[str, ...]
     on_ok: ClassVar[str | None] = "identity_requested"

@@ -48,6 +48,7 @@ class PodReason(enum.StrEnum):
     SCHEDULED = "scheduled"
     IDENTITY_REQUESTED = "identity-requested"
     IDENTITY_ISSUED = "identity-issued"
+    IDENTITY_ALREADY_ISSUED = "identity-already-issued"
     SIDECAR_CONNECTED = "sidecar-connected"
     CONFIG_SYNCED = "config-synced"
     READY = "ready"
@@ -64,6 +65,7 @@ REASONS: dict[str, str] = {
     PodReason.SCHEDULED: "placed on a node with an address",
     PodReason.IDENTITY_REQUESTED: "certificate requested from the mesh CA",
     PodReason.IDENTITY_ISSUED: "certificate issued",
+    PodReason.IDENTITY_ALREADY_ISSUED: "its certificate was already issued (the pod was started over)",
     PodReason.SIDECAR_CONNECTED: "sidecar connected to the control plane",
     PodReason.CONFIG_SYNCED: "sidecar acknowledged its first configuration",
     PodReason.READY: "proxy up: certificate, configuration and proxy all present",
@@ -117,7 +119,11 @@ def _admit(ctx: Context) -> dict[str, object]:
 
 def _request_identity(ctx: Context) -> tuple[Effect, ...]:
     dns = [f"{ctx.data['name']}.{ctx.data['namespace']}.pod"]
-    return (RequestIdentity(ctx.key, f"{ctx.key}/1", spiffe_id(ctx), tuple(dns)),)
+    return (RequestIdentity(ctx.key, spiffe_id(ctx), tuple(dns)),)
+
+
+def _already_issued(ctx: Context) -> bool:
+    return bool(ctx.payload.get("issued"))
 
 
 def _terminate(ctx: Context) -> tuple[Effect, ...]:
@@ -140,6 +146,8 @@ RULES: tuple[Rule, ...] = (
     Rule("schedule", (S.injected,), S.scheduled, R.SCHEDULED,
          update=lambda ctx: {"node": ctx.payload.get("node"), "ip": ctx.payload.get("ip")},
          effects=_request_identity, due=_deadline),
+    Rule("identity_requested", (S.scheduled,), S.identity_issued, R.IDENTITY_ALREADY_ISSUED,
+         guard=_already_issued, update=lambda ctx: {"cert": ctx.payload["issued"]}, due=_deadline),
     Rule("identity_requested", (S.scheduled,), S.identity_requested, R.IDENTITY_REQUESTED,
          due=_deadline),
     Rule("identity_issued", (S.identity_requested,), S.identity_issued, R.IDENTITY_ISSUED,

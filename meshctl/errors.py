@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine import EngineError, UnknownEntity
+from engine import EngineError, InvalidKey, UnknownEntity
 from machines import IllegalKind, IllegalTrigger
 from meshctl.context import UsageProblem
 from store import Conflict, DatabaseError
@@ -16,6 +16,7 @@ BUSY = 6  # another writer or another control plane is in the way
 _CODES: tuple[tuple[type[BaseException], int], ...] = (
     (UsageProblem, USAGE),
     (IllegalKind, USAGE),
+    (InvalidKey, USAGE),
     (UnknownEntity, NOT_FOUND),
     (IllegalTrigger, REFUSED),
     (DatabaseError, DATABASE),

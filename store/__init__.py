@@ -10,11 +10,11 @@ from store.errors import (
     StaleVersion,
     StoreError,
 )
-from store.records import Entity, JournalEntry, NewEffect, PendingEffect, Transition
+from store.records import KEY_LENGTH, Entity, JournalEntry, NewEffect, PendingEffect, Transition
 from store.sql import Store, redact, sqlite_url
 
 __all__ = [
-    "Conflict", "DatabaseError", "DatabaseUnreachable", "EffectGone", "Entity", "JournalEntry", "NewEffect",
-    "PendingEffect", "SchemaMissing", "SchemaOutdated", "StaleVersion", "Store", "StoreError", "Transition",
-    "redact", "sqlite_url",
+    "KEY_LENGTH", "Conflict", "DatabaseError", "DatabaseUnreachable", "EffectGone", "Entity", "JournalEntry",
+    "NewEffect", "PendingEffect", "SchemaMissing", "SchemaOutdated", "StaleVersion", "Store", "StoreError",
+    "Transition", "redact", "sqlite_url",
 ]

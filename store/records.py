@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+KEY_LENGTH = 255  # the longest entity key the tables hold
+
 
 @dataclass(frozen=True, slots=True)
 class Entity:

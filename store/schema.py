@@ -8,6 +8,8 @@ from sqlalchemy import JSON, BigInteger, Column, DateTime, Index, Integer, MetaD
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
+from store.records import KEY_LENGTH
+
 metadata = MetaData(
     naming_convention={
         "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -43,7 +45,7 @@ entities = Table(
     "entities",
     metadata,
     Column("kind", String(32), primary_key=True),
-    Column("key", String(255), primary_key=True),
+    Column("key", String(KEY_LENGTH), primary_key=True),
     Column("state", String(32), nullable=False),
     Column("version", Integer, nullable=False),
     Column("retry_count", Integer, nullable=False, default=0),
@@ -61,7 +63,7 @@ outbox = Table(
     metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
     Column("kind", String(32), nullable=False),
-    Column("key", String(255), nullable=False),
+    Column("key", String(KEY_LENGTH), nullable=False),
     Column("effect", String(64), nullable=False),
     Column("payload", JSON, nullable=False),
     Column("attempts", Integer, nullable=False, default=0),
@@ -77,7 +79,7 @@ journal = Table(
     metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
     Column("kind", String(32), nullable=False),
-    Column("key", String(255), nullable=False),
+    Column("key", String(KEY_LENGTH), nullable=False),
     Column("version", Integer, nullable=False),
     Column("from_state", String(32), nullable=True),
     Column("to_state", String(32), nullable=False),

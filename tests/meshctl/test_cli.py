@@ -221,7 +221,8 @@ def test_up_runs_the_engine_bootstraps_the_ca_refuses_a_second_copy_and_stops_on
             if line.startswith("Ready."):
                 break
         assert any("schema" in s for s in seen), seen
-        second = subprocess.run([MESHCTL, "up", "--for", "0"], env=env, capture_output=True, text=True, timeout=60)
+        second = subprocess.run([MESHCTL, "up", "--for", "0"], env=env, check=False, capture_output=True, text=True,
+                                timeout=60)
         assert second.returncode == 6
         assert "already runs" in second.stdout + second.stderr
         first.send_signal(signal.SIGTERM)
@@ -232,5 +233,6 @@ def test_up_runs_the_engine_bootstraps_the_ca_refuses_a_second_copy_and_stops_on
         if first.poll() is None:
             first.kill()
             first.wait()
-    cas = subprocess.run([MESHCTL, "state", "cas", "-o", "json"], env=env, capture_output=True, text=True, timeout=60)
+    cas = subprocess.run([MESHCTL, "state", "cas", "-o", "json"], env=env, check=True, capture_output=True, text=True,
+                         timeout=60)
     assert [c["state"] for c in json.loads(cas.stdout)] == ["active"]
