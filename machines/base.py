@@ -207,6 +207,8 @@ class Spec:
             send_event=True,
             ignore_invalid_triggers=False,
         )
+        self._model = _Model()
+        self._machine.add_model(self._model, initial=initial)
 
     def state(self, name: str) -> enum.Enum:
         try:
@@ -226,19 +228,17 @@ class Spec:
             return self._finish(None, self.initial, trigger, self._create_rule(), ctx)
         if trigger not in self.triggers or trigger == self.create and trigger not in self._machine.events:
             raise IllegalTrigger(self.kind, state.value, trigger)
-        model = _Model()
-        model.fired = None
-        with self._lock:
-            self._machine.add_model(model, initial=state)
+        with self._lock:  # one model per table, put in the saved state for each step
+            model = self._model
+            self._machine.set_state(state, model=model)
+            model.fired = None
             try:
                 moved = model.trigger(trigger, ctx=ctx)
             except MachineError:
                 raise IllegalTrigger(self.kind, state.value, trigger) from None
-            finally:
-                self._machine.remove_model(model)
+            rule = model.fired
         if not moved:
             return None
-        rule = model.fired
         assert rule is not None
         return self._finish(state, rule.dest, trigger, rule, ctx)
 
