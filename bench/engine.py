@@ -148,7 +148,7 @@ class Databases:
         """
         if self.backend == "sqlite":
             return
-        subprocess.run([str(self.pg._bindir / "psql"), "-h", "127.0.0.1", "-p", str(self.pg.port), "-U", "postgres",
+        subprocess.run([str(self.pg.bindir / "psql"), "-h", "127.0.0.1", "-p", str(self.pg.port), "-U", "postgres",
                         "-d", f"bench{self.n}", "-q", "-c", "ANALYZE"], check=True, capture_output=True, timeout=120)
 
 
@@ -434,7 +434,7 @@ def machine_facts(pg_version: str | None) -> dict[str, Any]:
 
 def _pg_version(server: Any) -> str | None:
     try:
-        out = subprocess.run([str(server._bindir / "postgres"), "-V"], check=False, capture_output=True, text=True,
+        out = subprocess.run([str(server.bindir / "postgres"), "-V"], check=False, capture_output=True, text=True,
                              timeout=30)
         found = re.search(r"\d+(\.\d+)+", out.stdout)  # "postgres (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)"
         return found.group(0) if found else None

@@ -20,7 +20,7 @@ class PostgresUnavailable(Exception):
     pass
 
 
-def _bindir() -> Path | None:
+def find_bindir() -> Path | None:
     for candidate in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True):
         if Path(candidate, "initdb").exists() and Path(candidate, "pg_ctl").exists():
             return Path(candidate)
@@ -39,22 +39,22 @@ class PostgresServer:
     url: str
     port: int
     datadir: Path
-    _bindir: Path
+    bindir: Path
     _as_user: list[str]
 
     def stop(self) -> None:
-        subprocess.run([*self._as_user, str(self._bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate",
+        subprocess.run([*self._as_user, str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "immediate",
                         "-w", "stop"], check=False, capture_output=True, timeout=60)
         shutil.rmtree(self.datadir.parent, ignore_errors=True)
 
     def create_database(self, name: str) -> str:
-        subprocess.run([*self._as_user, str(self._bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
+        subprocess.run([*self._as_user, str(self.bindir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
                         "-U", "postgres", name], check=True, capture_output=True, timeout=60)
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
 
 
 def start_postgres() -> PostgresServer:
-    bindir = _bindir()
+    bindir = find_bindir()
     if bindir is None:
         raise PostgresUnavailable("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
     root = Path(tempfile.mkdtemp(prefix="meshloom-pg-"))
