@@ -7,8 +7,10 @@ behaving fakes in actions/: a CA that really signs in memory, and in-memory deli
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from types import FrameType
@@ -52,8 +54,15 @@ def _summary(store: Store) -> str:
                      for kind, states in sorted(counts.items()))
 
 
+def _log_transitions() -> None:
+    """Every transition as a line on stderr, as the journal records it; the libraries' chatter stays quiet."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("meshloom").setLevel(logging.INFO)
+
+
 def run(paths: Paths, *, tick_seconds: float, run_for: float | None) -> None:
     paths.ensure_state_dir()
+    _log_transitions()
     try:
         lock = _lock(paths.state_dir)
     except AlreadyRunning as exc:
