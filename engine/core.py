@@ -8,8 +8,9 @@ outcome comes back as a trigger on the same entity, committed in the transaction
 the outbox. So a crash at any point leaves either the effect in the outbox (it runs again: effects are idempotent)
 or its outcome committed (it does not run again), and never a transition journaled twice.
 
-Two engines may share a database (PostgreSQL). Writes are guarded by the row's version: the loser of a race gets
-`StaleVersion`, reloads the row and runs the machine again on what it finds, which may now refuse the trigger.
+Two engines may share a database (PostgreSQL), and so may two threads of one engine. Writes are guarded by the row's
+version: the loser of a race gets `StaleVersion`, reloads the row and runs the machine again on what it finds, which
+may now refuse the trigger. There is no lock in the engine: each thread runs the effects its own commits produced.
 
 Effects a process commits are claimed for a lease (`effect_lease`): the process runs them at once, and only if it
 dies do they become due for anyone's tick. `recover()` at start runs the never-tried ones without waiting.
@@ -96,9 +97,10 @@ class Engine:
         self._jitter = jitter or random.Random().random
         self.actor = actor
         self.stats = Stats()
-        self._queue: deque[PendingEffect] = deque()
-        self._lock = threading.RLock()
-        self._draining = False
+        # Each thread drains the effects its own commits produced: a slow effect in one thread (the scheduler's
+        # tick) never holds up a trigger fired from another (a sidecar's acknowledgement). Two threads at the same
+        # entity are kept apart by the version column, as two processes are.
+        self._local = threading.local()
         # Hooks for the composition root: after each commit (tests use it to crash at the worst moment), and when a
         # commit asks for a tick at a time (the scheduler wakes up early for it).
         self.on_commit: Callable[[Entity, list[PendingEffect]], None] | None = None
@@ -111,18 +113,17 @@ class Engine:
         spec = spec_for(kind)
         if not 0 < len(key) <= KEY_LENGTH:
             raise InvalidKey(kind, key, KEY_LENGTH)
-        with self._lock:
-            for _ in range(self.policy.conflict_retries):
-                current = self.store.get(kind, key)
-                try:
-                    committed = self._step(spec, kind, key, current, trigger, payload or {}, actor, consumes)
-                except StaleVersion:
-                    self.stats.conflicts += 1
-                    continue
-                if drain:
-                    self.drain()
-                return committed if committed is not None else current
-            raise Contention(kind, key, self.policy.conflict_retries)
+        for _ in range(self.policy.conflict_retries):
+            current = self.store.get(kind, key)
+            try:
+                committed = self._step(spec, kind, key, current, trigger, payload or {}, actor, consumes)
+            except StaleVersion:
+                self.stats.conflicts += 1
+                continue
+            if drain:
+                self.drain()
+            return committed if committed is not None else current
+        raise Contention(kind, key, self.policy.conflict_retries)
 
     def _step(self, spec: Spec, kind: str, key: str, current: Entity | None, trigger: str,
               payload: Mapping[str, Any], actor: str | None, consumes: int | None) -> Entity | None:
@@ -153,7 +154,7 @@ class Engine:
             self.on_commit(entity, pending)
         if step.due_at is not None and self.on_due is not None:
             self.on_due(step.due_at)
-        self._queue.extend(pending)
+        self._work().extend(pending)
         return entity
 
     def _record(self, t: Transition) -> None:
@@ -165,83 +166,86 @@ class Engine:
                         "trigger": t.trigger, "reason": t.reason, "actor": t.actor})
 
     # ---- effects ---------------------------------------------------------------------------------------------
+    def _work(self) -> deque[PendingEffect]:
+        """The effects this thread committed and has not run yet."""
+        work: deque[PendingEffect] | None = getattr(self._local, "work", None)
+        if work is None:
+            work = self._local.work = deque()
+        return work
+
     def drain(self) -> int:
-        """Run the effects this process committed, and those their outcomes commit, until none are left."""
-        with self._lock:
-            if self._draining:
-                return 0
-            self._draining = True
-            n = 0
-            try:
-                while self._queue:
-                    self.run_effect(self._queue.popleft())
-                    n += 1
-            finally:
-                self._draining = False
-            return n
+        """Run the effects this thread committed, and those their outcomes commit, until none are left."""
+        if getattr(self._local, "draining", False):
+            return 0  # called from inside an effect: the drain already running will get to it
+        self._local.draining = True
+        work, n = self._work(), 0
+        try:
+            while work:
+                self.run_effect(work.popleft())
+                n += 1
+        finally:
+            self._local.draining = False
+        return n
 
     def run_effect(self, pending: PendingEffect) -> None:
-        with self._lock:
-            eff = effect_from_dict(pending.effect, pending.payload)
-            outcome = executor.run(self, eff, f"{pending.kind}/{pending.key}")
-            self.stats.effects_run += 1
-            if isinstance(outcome, Retry):
-                attempt = pending.attempts + 1
-                if attempt < self.policy.max_attempts:
-                    delay = outcome.after if outcome.after is not None else backoff(attempt, self.policy)
-                    run_at = self.clock.now() + timedelta(seconds=delay)
-                    self.stats.retries += 1
-                    try:
-                        self.store.postpone_effect(pending.id, attempt, run_at, outcome.reason)
-                    except EffectGone:
-                        return
-                    if self.on_due is not None:
-                        self.on_due(run_at)
+        eff = effect_from_dict(pending.effect, pending.payload)
+        outcome = executor.run(self, eff, f"{pending.kind}/{pending.key}")
+        self.stats.effects_run += 1
+        if isinstance(outcome, Retry):
+            attempt = pending.attempts + 1
+            if attempt < self.policy.max_attempts:
+                delay = outcome.after if outcome.after is not None else backoff(attempt, self.policy)
+                run_at = self.clock.now() + timedelta(seconds=delay)
+                self.stats.retries += 1
+                try:
+                    self.store.postpone_effect(pending.id, attempt, run_at, outcome.reason)
+                except EffectGone:
                     return
-                outcome = Fail(f"gave up after {attempt} attempts: {outcome.reason}")
-            if isinstance(outcome, Ok):
-                trigger, payload = eff.on_ok, dict(outcome.payload)
-            else:
-                self.stats.failures += 1
-                trigger, payload = eff.on_fail, {"reason": outcome.reason}
-                log.warning("%s/%s effect %s failed: %s", pending.kind, pending.key, pending.effect, outcome.reason)
-            if trigger is None:
-                self.store.drop_effect(pending.id)
+                if self.on_due is not None:
+                    self.on_due(run_at)
                 return
-            try:
-                self.fire(pending.kind, pending.key, trigger, payload, actor=f"effect:{pending.effect}",
-                          drain=False, consumes=pending.id)
-            except EffectGone:
-                pass  # another engine fed this outcome back first
-            except (IllegalTrigger, UnknownEntity) as exc:
-                log.info("outcome of %s for %s/%s dropped: %s", pending.effect, pending.kind, pending.key, exc)
-                self.store.drop_effect(pending.id)
+            outcome = Fail(f"gave up after {attempt} attempts: {outcome.reason}")
+        if isinstance(outcome, Ok):
+            trigger, payload = eff.on_ok, dict(outcome.payload)
+        else:
+            self.stats.failures += 1
+            trigger, payload = eff.on_fail, {"reason": outcome.reason}
+            log.warning("%s/%s effect %s failed: %s", pending.kind, pending.key, pending.effect, outcome.reason)
+        if trigger is None:
+            self.store.drop_effect(pending.id)
+            return
+        try:
+            self.fire(pending.kind, pending.key, trigger, payload, actor=f"effect:{pending.effect}",
+                      drain=False, consumes=pending.id)
+        except EffectGone:
+            pass  # another engine fed this outcome back first
+        except (IllegalTrigger, UnknownEntity) as exc:
+            log.info("outcome of %s for %s/%s dropped: %s", pending.effect, pending.kind, pending.key, exc)
+            self.store.drop_effect(pending.id)
 
     # ---- time ------------------------------------------------------------------------------------------------
     def tick(self) -> TickReport:
         """One scheduler tick: fire `tick` on every due entity, run every due effect."""
-        with self._lock:
-            now = self.clock.now()
-            due = self.store.due_entities(now, self.policy.tick_batch)
-            for entity in due:
-                try:
-                    self.fire(entity.kind, entity.key, "tick", actor="scheduler", drain=False)
-                except IllegalTrigger as exc:
-                    log.error("%s asked for a tick its state cannot take: %s", entity.ref, exc)
-            effects = self.store.due_effects(now, self.policy.tick_batch)
-            for pending in effects:
-                self.run_effect(pending)
-            self.drain()
-            return TickReport(len(due), len(effects))
+        now = self.clock.now()
+        due = self.store.due_entities(now, self.policy.tick_batch)
+        for entity in due:
+            try:
+                self.fire(entity.kind, entity.key, "tick", actor="scheduler", drain=False)
+            except IllegalTrigger as exc:
+                log.error("%s asked for a tick its state cannot take: %s", entity.ref, exc)
+        effects = self.store.due_effects(now, self.policy.tick_batch)
+        for pending in effects:
+            self.run_effect(pending)
+        self.drain()
+        return TickReport(len(due), len(effects))
 
     def recover(self) -> int:
         """At start: run what a previous process committed but never ran, without waiting for its lease."""
-        with self._lock:
-            pending = self.store.due_effects(self.clock.now(), self.policy.tick_batch, fresh_too=True)
-            for p in pending:
-                self.run_effect(p)
-            self.drain()
-            return len(pending)
+        pending = self.store.due_effects(self.clock.now(), self.policy.tick_batch, fresh_too=True)
+        for p in pending:
+            self.run_effect(p)
+        self.drain()
+        return len(pending)
 
 
 def _detail(payload: Mapping[str, Any]) -> str | None:

@@ -41,13 +41,15 @@ class Runner:
         if job is not None and job.next_run_time is not None and at < job.next_run_time:
             job.modify(next_run_time=at)
 
-    def start(self) -> None:
-        self.engine.recover()
+    def start(self) -> int:
+        """Run what a previous process left in the outbox, then start ticking; returns how many effects it ran."""
+        recovered = self.engine.recover()
         self.scheduler.add_job(self._tick, "interval", seconds=self.tick_seconds, id=JOB_ID, max_instances=1,
                                coalesce=True, next_run_time=self.engine.clock.now())
         self.engine.on_due = self._wake
         self.scheduler.start()
         self._started = True
+        return recovered
 
     def stop(self) -> None:
         if self._started:

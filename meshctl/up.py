@@ -84,9 +84,8 @@ def run(paths: Paths, *, tick_seconds: float, run_for: float | None) -> None:
         console.print(f"[bold]Meshloom control plane[/bold] (pid {os.getpid()})")
         console.print(f"  state dir  {paths.state_dir}")
         console.print(f"  database   {paths.shown} (schema {after}{'' if before == after else f', from {before}'})")
-        recovered = engine.recover()
+        recovered = runner.start()
         ensure_ca(engine)
-        runner.start()
         console.print(f"  engine     ticking every {tick_seconds:g}s; recovered {recovered} pending effect(s)")
         console.print(f"  entities   {_summary(store)}")
         console.print("Ready. Stop with Ctrl-C. Inspect with 'meshctl state pods|certs|sidecars|cas' and "

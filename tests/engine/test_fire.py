@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from dataclasses import replace
 from datetime import timedelta
 
 import pytest
@@ -109,3 +111,36 @@ def test_a_key_longer_than_the_store_holds_is_refused_by_name_before_anything_is
     with pytest.raises(InvalidKey, match="a key must have 1 to 255 characters"):
         mesh.engine.fire("pod", "default/" + "x" * 300, "admit")
     assert mesh.store.list() == []
+
+
+class _HoldingPlatform:
+    """A platform whose injection of one pod waits until the test lets it go."""
+
+    def __init__(self, inner, held: str) -> None:
+        self.inner, self.held = inner, held
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def inject(self, pod: str) -> None:
+        if pod == self.held:
+            self.entered.set()
+            assert self.release.wait(timeout=30)
+        self.inner.inject(pod)
+
+    def teardown(self, pod: str) -> None:
+        self.inner.teardown(pod)
+
+
+def test_a_slow_effect_in_one_thread_does_not_hold_up_a_trigger_fired_from_another(mesh: Mesh):
+    platform = _HoldingPlatform(mesh.platform, "default/slow")
+    engine = Engine(mesh.store, replace(mesh.actions, platform=platform), mesh.clock, policy=POLICY)
+    slow = threading.Thread(target=engine.fire, args=("pod", "default/slow", "admit"))
+    slow.start()
+    try:
+        assert platform.entered.wait(timeout=30)
+        engine.fire("pod", "default/fast", "admit")  # runs its own InjectSidecar while the other one is held
+        assert mesh.path("pod", "default/fast") == ["admitted", "injected"]
+        assert mesh.state("pod", "default/slow") == "admitted"
+    finally:
+        platform.release.set()
+        slow.join(timeout=30)
+    assert mesh.path("pod", "default/slow") == ["admitted", "injected"]
