@@ -32,14 +32,14 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, ClassVar
 
 from actions import Actions
 from actions.clock import Clock
 from engine import executor
 from engine.errors import Contention, InvalidKey, UnknownEntity
 from engine.executor import Fail, Ok, Retry
-from machines import Context, IllegalTrigger, Spec, spec_for
+from machines import BadPayload, Context, IllegalTrigger, Spec, spec_for
 from machines.base import effect_from_dict, effect_to_dict
 from store import KEY_LENGTH, EffectGone, Entity, NewEffect, PendingEffect, StaleVersion, Store, Transition
 
@@ -65,12 +65,21 @@ def backoff(attempt: int, policy: Policy) -> float:
 
 @dataclass
 class Stats:
+    """Counters of this process's work, counted under a lock: several threads fire and drain at once."""
+
     transitions: int = 0
     conflicts: int = 0
     effects_run: int = 0
     retries: int = 0
     failures: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def count(self, name: str, kind: str | None = None) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + 1)
+            if kind is not None:
+                self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +127,7 @@ class Engine:
             try:
                 committed = self._step(spec, kind, key, current, trigger, payload or {}, actor, consumes)
             except StaleVersion:
-                self.stats.conflicts += 1
+                self.stats.count("conflicts")
                 continue
             if drain:
                 self.drain()
@@ -159,8 +168,7 @@ class Engine:
 
     def _record(self, t: Transition) -> None:
         """Log the transition with the same fields the journal row has (the audit and the log say one thing)."""
-        self.stats.transitions += 1
-        self.stats.by_kind[t.kind] = self.stats.by_kind.get(t.kind, 0) + 1
+        self.stats.count("transitions", t.kind)
         log.info("%s/%s %s -> %s on %s (%s)", t.kind, t.key, t.from_state or "-", t.to_state, t.trigger, t.reason,
                  extra={"kind": t.kind, "key": t.key, "from_state": t.from_state, "to_state": t.to_state,
                         "trigger": t.trigger, "reason": t.reason, "actor": t.actor})
@@ -183,20 +191,31 @@ class Engine:
             while work:
                 self.run_effect(work.popleft())
                 n += 1
+        except BaseException:
+            # What is left is in the outbox under its lease: a tick runs it. Kept here, it would run late, twice.
+            work.clear()
+            raise
         finally:
             self._local.draining = False
         return n
 
     def run_effect(self, pending: PendingEffect) -> None:
-        eff = effect_from_dict(pending.effect, pending.payload)
+        try:
+            eff = effect_from_dict(pending.effect, pending.payload)
+        except (ValueError, TypeError) as exc:
+            # Written by another version of Meshloom, or damaged: it stays in the outbox, visible, tried rarely.
+            log.error("%s/%s outbox entry %d cannot be read: %s", pending.kind, pending.key, pending.id, exc)
+            run_at = self.clock.now() + timedelta(seconds=self.policy.backoff_cap)
+            self.store.postpone_effect(pending.id, pending.attempts + 1, run_at, f"cannot be read: {exc}")
+            return
         outcome = executor.run(self, eff, f"{pending.kind}/{pending.key}")
-        self.stats.effects_run += 1
+        self.stats.count("effects_run")
         if isinstance(outcome, Retry):
             attempt = pending.attempts + 1
             if attempt < self.policy.max_attempts:
                 delay = outcome.after if outcome.after is not None else backoff(attempt, self.policy)
                 run_at = self.clock.now() + timedelta(seconds=delay)
-                self.stats.retries += 1
+                self.stats.count("retries")
                 try:
                     self.store.postpone_effect(pending.id, attempt, run_at, outcome.reason)
                 except EffectGone:
@@ -208,7 +227,7 @@ class Engine:
         if isinstance(outcome, Ok):
             trigger, payload = eff.on_ok, dict(outcome.payload)
         else:
-            self.stats.failures += 1
+            self.stats.count("failures")
             trigger, payload = eff.on_fail, {"reason": outcome.reason}
             log.warning("%s/%s effect %s failed: %s", pending.kind, pending.key, pending.effect, outcome.reason)
         if trigger is None:
@@ -219,7 +238,7 @@ class Engine:
                       drain=False, consumes=pending.id)
         except EffectGone:
             pass  # another engine fed this outcome back first
-        except (IllegalTrigger, UnknownEntity) as exc:
+        except (IllegalTrigger, UnknownEntity, BadPayload) as exc:
             log.info("outcome of %s for %s/%s dropped: %s", pending.effect, pending.kind, pending.key, exc)
             self.store.drop_effect(pending.id)
 
@@ -229,23 +248,30 @@ class Engine:
         now = self.clock.now()
         due = self.store.due_entities(now, self.policy.tick_batch)
         for entity in due:
-            try:
-                self.fire(entity.kind, entity.key, "tick", actor="scheduler", drain=False)
-            except IllegalTrigger as exc:
-                log.error("%s asked for a tick its state cannot take: %s", entity.ref, exc)
+            self._isolated(entity.ref, self.fire, entity.kind, entity.key, "tick", actor="scheduler")
         effects = self.store.due_effects(now, self.policy.tick_batch)
         for pending in effects:
-            self.run_effect(pending)
-        self.drain()
+            self._isolated(f"{pending.kind}/{pending.key}", self._run_and_drain, pending)
         return TickReport(len(due), len(effects))
 
     def recover(self) -> int:
         """At start: run what a previous process committed but never ran, without waiting for its lease."""
         pending = self.store.due_effects(self.clock.now(), self.policy.tick_batch, fresh_too=True)
         for p in pending:
-            self.run_effect(p)
-        self.drain()
+            self._isolated(f"{p.kind}/{p.key}", self._run_and_drain, p)
         return len(pending)
+
+    def _run_and_drain(self, pending: PendingEffect) -> None:
+        self.run_effect(pending)
+        self.drain()
+
+    @staticmethod
+    def _isolated(ref: str, work: Callable[..., object], *args: Any, **kwargs: Any) -> None:
+        """One entity's trouble must not stop the batch: it would stop at the same row on every tick."""
+        try:
+            work(*args, **kwargs)
+        except Exception:  # each commit is atomic, so nothing is left half-done; the entity is due again later
+            log.exception("%s: scheduled work failed; the next tick tries again", ref)
 
 
 def _detail(payload: Mapping[str, Any]) -> str | None:

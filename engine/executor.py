@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from actions import Actions
 from actions.errors import PermanentError, TemporaryError
 from engine.errors import UnknownEntity
-from machines import IllegalTrigger
+from machines import BadPayload, IllegalTrigger
 from machines.base import Effect, Fire, iso
 from machines.effects import (
     ActivateCa,
@@ -23,6 +23,7 @@ from machines.effects import (
     DeliverSvid,
     GenerateCa,
     InjectSidecar,
+    JoinBundle,
     PublishBundle,
     PublishConfig,
     ReissueLeaves,
@@ -98,7 +99,7 @@ def _generate(engine: Engine, e: GenerateCa, origin: str) -> Mapping[str, Any]:
     return {"not_before": iso(gen.not_before), "not_after": iso(gen.not_after)}
 
 
-def _publish_bundle(engine: Engine, e: PublishBundle, origin: str) -> None:
+def _publish_bundle(engine: Engine, e: PublishBundle | JoinBundle, origin: str) -> None:
     gens = tuple(sorted(c.key for c in engine.store.list("ca", states=BUNDLED)))
     _actions(engine).delivery.publish_bundle(gens)
 
@@ -112,7 +113,7 @@ def _publish_config(engine: Engine, e: PublishConfig, origin: str) -> Mapping[st
 def _fire(engine: Engine, e: Fire, origin: str) -> None:
     try:
         engine.fire(e.kind, e.key, e.trigger, dict(e.payload), actor=origin, drain=False)
-    except (IllegalTrigger, UnknownEntity) as exc:
+    except (IllegalTrigger, UnknownEntity, BadPayload) as exc:
         # The target has moved on or is gone (a late notification, a repeated one after a crash): nothing to do.
         log.info("dropped %s/%s %s: %s", e.kind, e.key, e.trigger, exc)
 
@@ -136,7 +137,8 @@ def _request_identity(engine: Engine, e: RequestIdentity, origin: str) -> Mappin
 
 
 def _release_identity(engine: Engine, e: ReleaseIdentity, origin: str) -> None:
-    for cert in engine.store.list("cert", states=(*OUTSTANDING, "requested", "superseded"), key_prefix=f"{e.pod}/"):
+    for cert in engine.store.list("cert", states=(*OUTSTANDING, "requested", "superseded", "failed"),
+                                  key_prefix=f"{e.pod}/"):
         _fire(engine, Fire("cert", cert.key, "revoke"), origin)
 
 
@@ -162,6 +164,7 @@ HANDLERS: dict[type[Effect], Handler] = {
     GenerateCa: _generate,
     ActivateCa: lambda engine, e, origin: _actions(engine).ca.activate(e.generation),
     PublishBundle: _publish_bundle,
+    JoinBundle: _publish_bundle,
     ReissueLeaves: _reissue,
     CountOutstandingLeaves: _count_outstanding,
     PublishConfig: _publish_config,

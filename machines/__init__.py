@@ -1,6 +1,6 @@
 """Pure lifecycle tables: states, triggers, guards and effects as data. No I/O, no SQL, no clock."""
 
-from machines.base import Context, Effect, IllegalTrigger, Rule, Spec, Step
+from machines.base import BadPayload, Context, Effect, IllegalTrigger, Rule, Spec, Step
 from machines.certificate import CA_SPEC, CERT_SPEC
 from machines.pod import SPEC as POD_SPEC
 from machines.rollout import SPEC as ROLLOUT_SPEC
@@ -21,4 +21,5 @@ class IllegalKind(Exception):
         self.kind = kind
 
 
-__all__ = ["Context", "Effect", "IllegalKind", "IllegalTrigger", "Rule", "SPECS", "Spec", "Step", "spec_for"]
+__all__ = ["BadPayload", "Context", "Effect", "IllegalKind", "IllegalTrigger", "Rule", "SPECS", "Spec", "Step",
+           "spec_for"]

@@ -39,6 +39,15 @@ class IllegalTrigger(Exception):
         self.kind, self.state, self.trigger = kind, state, trigger
 
 
+class BadPayload(Exception):
+    """The trigger's payload lacks a field its rule reads, or holds one of the wrong type."""
+
+    def __init__(self, kind: str, trigger: str, exc: Exception) -> None:
+        detail = f"'{exc.args[0]}' is missing" if isinstance(exc, KeyError) and exc.args else str(exc)
+        super().__init__(f"{kind}: the payload of trigger '{trigger}' is not usable: {detail}")
+        self.kind, self.trigger = kind, trigger
+
+
 # --------------------------------------------------------------------------------------------------- effects ---
 @dataclass(frozen=True, slots=True)
 class Effect:
@@ -236,6 +245,8 @@ class Spec:
                 moved = model.trigger(trigger, ctx=ctx)
             except MachineError:
                 raise IllegalTrigger(self.kind, state.value, trigger) from None
+            except (KeyError, ValueError, TypeError) as exc:  # raised by a guard reading the payload
+                raise BadPayload(self.kind, trigger, exc) from None
             rule = model.fired
         if not moved:
             return None
@@ -248,11 +259,13 @@ class Spec:
                 return r
         raise ValueError(f"{self.kind}: no creation rule for '{self.create}'")
 
-    @staticmethod
-    def _finish(source: enum.Enum | None, dest: enum.Enum, trigger: str, rule: Rule, ctx: Context) -> Step:
-        data = {**ctx.data, **rule.update(ctx)}
-        after = replace(ctx, data=data)
-        return Step(source, dest, trigger, rule.reason, data, rule.effects(after), rule.due(after, data))
+    def _finish(self, source: enum.Enum | None, dest: enum.Enum, trigger: str, rule: Rule, ctx: Context) -> Step:
+        try:
+            data = {**ctx.data, **rule.update(ctx)}
+            after = replace(ctx, data=data)
+            return Step(source, dest, trigger, rule.reason, data, rule.effects(after), rule.due(after, data))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise BadPayload(self.kind, trigger, exc) from None
 
     def reason_text(self, code: str) -> str:
         return self.reasons.get(code, code)

@@ -18,11 +18,14 @@ after `cert_retry_after`, so nothing stays failed unattended.
 
 Theory of operation: CA generations
 -----------------------------------
-    preparing --prepared--> prepared --activate--> active --retire--> retiring --checked(0 left)--> retired
+    preparing --prepared--> prepared --bundled--> prepared --activate--> active --activated--> active
+      --retire--> retiring --checked(0 left)--> retired
 
-A new generation joins the trust bundle as soon as it is prepared, before it signs anything; activating it asks
-every live leaf of other generations to rotate; the old generation leaves the bundle only when it has no unexpired,
-unreplaced leaf left (it asks each tick, and the answer comes back as `checked`).
+A new generation joins the trust bundle as soon as it is prepared, and `activate` is refused until the bundle with it
+has been published (`bundled`), so it signs nothing that a peer cannot yet trust; once the CA signs with it
+(`activated`), every live leaf of other generations is asked to rotate and the previous generation starts retiring.
+A failed activation fails the generation: it is made again, and waits to be activated. The old generation leaves the
+bundle only when it has no unexpired, unreplaced leaf left (it asks each tick; the answer comes back as `checked`).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from machines.effects import (
     CountOutstandingLeaves,
     DeliverSvid,
     GenerateCa,
+    JoinBundle,
     PublishBundle,
     ReissueLeaves,
     SignSvid,
@@ -183,7 +187,8 @@ CERT_RULES: tuple[Rule, ...] = (
     Rule("tick", (C.failed,), C.requested, R.RETRY, guard=is_due, effects=_sign),
     Rule("rotate", SERVING, C.rotation_due, R.ROTATION_FORCED, effects=_successor, due=_at_expiry),
     Rule("superseded", (C.rotation_due, *SERVING), C.superseded, R.SUPERSEDED, due=_at_expiry),
-    Rule("revoke", (*LIVE, C.superseded), C.revoked, R.REVOKED,
+    # A failed certificate is revoked too: otherwise its own retry would sign it again for an owner that left.
+    Rule("revoke", (*LIVE, C.superseded, C.failed), C.revoked, R.REVOKED,
          effects=lambda ctx: (WithdrawSvid(ctx.key, ctx.data["owner"]),)),
     Rule("fail", (C.requested, C.issued), C.failed, R.FAILED,
          update=lambda ctx: {"failure": ctx.payload.get("reason", "unknown")}, effects=_failed, due=_retry_later),
@@ -207,7 +212,9 @@ class CaState(enum.Enum):
 class CaReason(enum.StrEnum):
     PREPARING = "preparing"
     PREPARED = "prepared"
+    BUNDLED = "bundled"
     ACTIVATED = "activated"
+    SIGNING = "signing"
     RETIRING = "retiring"
     LEAVES_OUTSTANDING = "leaves-outstanding"
     RETIRED = "retired"
@@ -217,12 +224,14 @@ class CaReason(enum.StrEnum):
 
 CA_REASONS: dict[str, str] = {
     CaReason.PREPARING: "keys and certificate being made",
-    CaReason.PREPARED: "ready, and in the trust bundle before it signs anything",
-    CaReason.ACTIVATED: "now signs new leaves; leaves of other generations asked to rotate",
+    CaReason.PREPARED: "keys and certificate made; joining the trust bundle",
+    CaReason.BUNDLED: "in the trust bundle: it may now be activated",
+    CaReason.ACTIVATED: "activation asked of the CA",
+    CaReason.SIGNING: "now signs new leaves; leaves of other generations asked to rotate",
     CaReason.RETIRING: "no longer signs; stays in the bundle while its leaves live",
     CaReason.LEAVES_OUTSTANDING: "leaves it signed are still valid and not replaced",
     CaReason.RETIRED: "no leaf of it is left: removed from the trust bundle",
-    CaReason.FAILED: "the generation could not be made",
+    CaReason.FAILED: "the generation could not be made or activated",
     CaReason.RETRY: "making the generation tried again",
 }
 
@@ -246,15 +255,18 @@ def _prepare(ctx: Context) -> dict[str, object]:
     return {"previous": ctx.payload.get("previous"), "auto_activate": bool(ctx.payload.get("auto_activate"))}
 
 
-def _on_prepared(ctx: Context) -> tuple[Effect, ...]:
-    # The bundle grows before the generation signs anything, so that every peer trusts its leaves on arrival.
-    if ctx.data.get("auto_activate"):
-        return (PublishBundle(), Fire(CA_KIND, ctx.key, "activate"))
-    return (PublishBundle(),)
+def _on_bundled(ctx: Context) -> tuple[Effect, ...]:
+    return (Fire(CA_KIND, ctx.key, "activate"),) if ctx.data.get("auto_activate") else ()
 
 
-def _on_activated(ctx: Context) -> tuple[Effect, ...]:
-    effects: list[Effect] = [ActivateCa(ctx.key), ReissueLeaves(ctx.key)]
+def _in_bundle(ctx: Context) -> bool:
+    """A generation signs nothing before every peer can trust what it signs."""
+    return bool(ctx.data.get("in_bundle"))
+
+
+def _on_signing(ctx: Context) -> tuple[Effect, ...]:
+    # Only once the CA signs with the new generation: leaves re-issued before that would still be old ones.
+    effects: list[Effect] = [ReissueLeaves(ctx.key)]
     if ctx.data.get("previous"):
         effects.append(Fire(CA_KIND, ctx.data["previous"], "retire"))
     return tuple(effects)
@@ -267,16 +279,21 @@ def _generate(ctx: Context) -> tuple[Effect, ...]:
 CA_RULES: tuple[Rule, ...] = (
     Rule("prepare", (), A.preparing, _R.PREPARING, update=_prepare, effects=_generate),
     Rule("prepared", (A.preparing,), A.prepared, _R.PREPARED,
-         update=lambda ctx: {k: ctx.payload[k] for k in ("not_before", "not_after") if k in ctx.payload},
-         effects=_on_prepared),
-    Rule("activate", (A.prepared,), A.active, _R.ACTIVATED, effects=_on_activated),
+         update=lambda ctx: {**{k: ctx.payload[k] for k in ("not_before", "not_after") if k in ctx.payload},
+                             "in_bundle": False},
+         effects=lambda ctx: (JoinBundle(ctx.key),)),
+    Rule("bundled", (A.prepared,), A.prepared, _R.BUNDLED, update=lambda ctx: {"in_bundle": True},
+         effects=_on_bundled),
+    Rule("activate", (A.prepared,), A.active, _R.ACTIVATED, guard=_in_bundle,
+         effects=lambda ctx: (ActivateCa(ctx.key),)),
+    Rule("activated", (A.active,), A.active, _R.SIGNING, effects=_on_signing),
     Rule("retire", (A.active,), A.retiring, _R.RETIRING, due=_retire_check),
     Rule("tick", (A.retiring,), A.retiring, _R.RETIRING, guard=is_due,
          effects=lambda ctx: (CountOutstandingLeaves(ctx.key),), due=_retire_check),
     Rule("checked", (A.retiring,), A.retired, _R.RETIRED, guard=_none_left,
          effects=lambda ctx: (PublishBundle(),)),
     Rule("checked", (A.retiring,), A.retiring, _R.LEAVES_OUTSTANDING, due=_retire_check),
-    Rule("fail", (A.preparing,), A.failed, _R.FAILED,
+    Rule("fail", (A.preparing, A.active), A.failed, _R.FAILED,
          update=lambda ctx: {"failure": ctx.payload.get("reason", "unknown")}, due=_ca_retry_later),
     Rule("tick", (A.failed,), A.preparing, _R.RETRY, guard=is_due, effects=_generate),
 )

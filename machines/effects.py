@@ -101,17 +101,28 @@ class GenerateCa(Effect):
 @effect
 @dataclass(frozen=True, slots=True)
 class ActivateCa(Effect):
-    """Make `generation` the one that signs new leaves."""
+    """Make `generation` the one that signs new leaves; `activated` says it does."""
 
     generation: str
+    on_ok: ClassVar[str | None] = "activated"
 
 
 @effect
 @dataclass(frozen=True, slots=True)
 class PublishBundle(Effect):
-    """Publish the trust bundle as the CA generations now make it up."""
+    """Publish the trust bundle as the CA generations now make it up (a generation left it)."""
 
     on_fail: ClassVar[str | None] = None
+
+
+@effect
+@dataclass(frozen=True, slots=True)
+class JoinBundle(Effect):
+    """Publish the trust bundle with a prepared generation in it; `bundled` says it is there, so it may sign."""
+
+    generation: str
+    on_ok: ClassVar[str | None] = "bundled"
+    on_fail: ClassVar[str | None] = None  # retried with backoff; the generation waits in `prepared` meanwhile
 
 
 @effect

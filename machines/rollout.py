@@ -12,7 +12,7 @@ published) and `acked` (the last generation the sidecar said it runs). The state
     stale       sent = desired > acked         STALE      not acknowledged in time: republished with backoff
     synced      acked = desired                SYNCED
     failed      publishing failed for good     NOT SENT   tried again after rollout_retry_after
-    removed     the sidecar left
+    removed     the sidecar left (until it registers again)
 
 Changes are coalesced as Istio does: a change waits for a quiet window (100 ms) after the last change, but never
 more than the maximum window (10 s) after the first one, so a burst of changes makes one publish and a steady
@@ -49,6 +49,7 @@ class RolloutState(enum.Enum):
 
 class RolloutReason(enum.StrEnum):
     REGISTERED = "registered"
+    REREGISTERED = "registered-again"
     CHANGED = "changed"
     WINDOW_CLOSED = "window-closed"
     PUBLISHED = "published"
@@ -65,6 +66,7 @@ class RolloutReason(enum.StrEnum):
 
 REASONS: dict[str, str] = {
     RolloutReason.REGISTERED: "sidecar joined: its first document is on the way",
+    RolloutReason.REREGISTERED: "sidecar connected again: its document is sent anew",
     RolloutReason.CHANGED: "its document changed",
     RolloutReason.WINDOW_CLOSED: "the coalescing window closed: publishing the desired generation",
     RolloutReason.PUBLISHED: "the desired generation was published",
@@ -103,6 +105,11 @@ def _published_current(ctx: Context) -> bool:
 
 def _register(ctx: Context) -> dict[str, object]:
     return {"owner": ctx.payload.get("owner", ctx.key), "desired": 1, "sent": 0, "acked": 0,
+            "window_start": iso(ctx.now), "republishes": 0, "owner_notified": False}
+
+
+def _reregister(ctx: Context) -> dict[str, object]:
+    return {"owner": ctx.payload.get("owner", ctx.data.get("owner", ctx.key)), "desired": ctx.data["desired"] + 1,
             "window_start": iso(ctx.now), "republishes": 0, "owner_notified": False}
 
 
@@ -161,6 +168,9 @@ def _publish(ctx: Context) -> tuple[Effect, ...]:
 
 RULES: tuple[Rule, ...] = (
     Rule("register", (), S.pending, R.REGISTERED, update=_register, due=_window),
+    # A sidecar that connects again (its pod was started over, or it came back after leaving) gets its document
+    # anew, and its first acknowledgement tells the pod again.
+    Rule("register", (*LIVE, S.removed), S.pending, R.REREGISTERED, update=_reregister, due=_window),
     Rule("change", (S.pending,), S.pending, R.CHANGED, update=_bump_in_window, due=_window),
     Rule("change", (S.sent, S.synced, S.stale, S.failed), S.pending, R.CHANGED, update=_bump, due=_window),
     Rule("change", (S.publishing,), S.publishing, R.CHANGED, update=_bump),
@@ -182,8 +192,7 @@ RULES: tuple[Rule, ...] = (
     Rule("remove", LIVE, S.removed, R.REMOVED, effects=lambda ctx: (DeleteConfig(ctx.key),)),
 )
 
-SPEC = Spec(KIND, RolloutState, create="register", initial=S.pending, rules=RULES, reasons=REASONS,
-            terminal=frozenset({S.removed}))
+SPEC = Spec(KIND, RolloutState, create="register", initial=S.pending, rules=RULES, reasons=REASONS)
 
 
 class SyncStatus(enum.StrEnum):

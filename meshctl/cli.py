@@ -64,7 +64,8 @@ def version(db: DbOpt = None, state_dir: StateDirOpt = None) -> None:
     typer.echo(f"meshctl {dist_version('meshloom')}")
     typer.echo(f"schema needed: {migrate.head()}")
     if db is not None or state_dir is not None:
-        typer.echo(f"schema in {resolve(state_dir, db).shown}: {migrate.current_at(resolve(state_dir, db).url)}")
+        paths = resolve(state_dir, db)
+        typer.echo(f"schema in {paths.shown}: {migrate.current_at(paths.url) or '(none)'}")
 
 
 @db_app.command("upgrade")
@@ -73,7 +74,8 @@ def db_upgrade(db: DbOpt = None, state_dir: StateDirOpt = None) -> None:
     from store import migrate
 
     paths = resolve(state_dir, db)
-    paths.ensure_state_dir()
+    if db is None:
+        paths.ensure_state_dir()  # the default database lives in it
     before, after = migrate.upgrade(paths.url)
     if before == after:
         typer.echo(f"{paths.shown}: already at schema {after}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from engine import EngineError, InvalidKey, UnknownEntity
-from machines import IllegalKind, IllegalTrigger
+from machines import BadPayload, IllegalKind, IllegalTrigger
 from meshctl.context import UsageProblem
 from store import Conflict, DatabaseError
 
@@ -17,6 +17,7 @@ _CODES: tuple[tuple[type[BaseException], int], ...] = (
     (UsageProblem, USAGE),
     (IllegalKind, USAGE),
     (InvalidKey, USAGE),
+    (BadPayload, USAGE),
     (UnknownEntity, NOT_FOUND),
     (IllegalTrigger, REFUSED),
     (DatabaseError, DATABASE),

@@ -37,6 +37,11 @@ class DatabaseUnreachable(DatabaseError):
         super().__init__(f"cannot reach the database at {url}: {detail}")
 
 
+class DatabaseUnusable(DatabaseError):
+    def __init__(self, url: str, detail: str) -> None:
+        super().__init__(f"cannot use the database at {url}: {detail}")
+
+
 class SchemaMissing(DatabaseError):
     def __init__(self, url: str) -> None:
         super().__init__(f"no Meshloom schema in {url}: run 'meshctl db upgrade' (or 'meshctl up') first")

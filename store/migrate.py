@@ -34,15 +34,17 @@ def current(conn: Connection) -> str | None:
 
 
 def current_at(url: str) -> str | None:
-    """The schema revision of the database at `url` (None: no schema yet)."""
-    from store.sql import Store
+    """The schema revision of the database at `url` (None: no schema yet, or no SQLite file: none is made)."""
+    from store.sql import make_engine, missing_sqlite_file, translated
 
-    store = Store(url, check_schema=False)
+    if missing_sqlite_file(url) is not None:
+        return None
+    engine = make_engine(url)
     try:
-        with store.engine.connect() as conn:
+        with translated(url), engine.connect() as conn:
             return current(conn)
     finally:
-        store.close()
+        engine.dispose()
 
 
 def require_head(conn: Connection, url: str) -> None:
@@ -62,11 +64,11 @@ def require_head(conn: Connection, url: str) -> None:
 
 def upgrade(url: str, revision: str = "head") -> tuple[str | None, str]:
     """Bring the database to `revision`; returns (before, after)."""
-    from store.sql import make_engine
+    from store.sql import make_engine, translated
 
     engine = make_engine(url)
     try:
-        with engine.begin() as conn:
+        with translated(url), engine.begin() as conn:
             before = current(conn)
             cfg = config(url)
             cfg.attributes["connection"] = conn
@@ -80,11 +82,11 @@ def upgrade(url: str, revision: str = "head") -> tuple[str | None, str]:
 
 def check(url: str) -> None:
     """Raise if the models in store/schema.py and the migrations disagree (`alembic check`)."""
-    from store.sql import make_engine
+    from store.sql import make_engine, translated
 
     engine = make_engine(url)
     try:
-        with engine.connect() as conn:
+        with translated(url), engine.connect() as conn:
             cfg = config(url)
             cfg.attributes["connection"] = conn
             command.check(cfg)

@@ -43,11 +43,21 @@ from sqlalchemy.exc import (
     OperationalError,
     StatementError,
 )
+from sqlalchemy.exc import (
+    DatabaseError as SqlDatabaseError,
+)
 from sqlalchemy.pool import ConnectionPoolEntry
 from sqlalchemy.sql.selectable import TextualSelect
 
 from store import migrate
-from store.errors import DatabaseUnreachable, EffectGone, InvalidDatabaseUrl, SchemaMissing, StaleVersion
+from store.errors import (
+    DatabaseUnreachable,
+    DatabaseUnusable,
+    EffectGone,
+    InvalidDatabaseUrl,
+    SchemaMissing,
+    StaleVersion,
+)
 from store.records import Entity, JournalEntry, NewEffect, PendingEffect, Transition
 from store.schema import UtcDateTime, entities, journal, outbox
 
@@ -143,7 +153,26 @@ def _ping_when_idle(engine: Engine) -> None:
     event.listen(engine, "checkout", checkout)
 
 
-def _missing_sqlite_file(url: str) -> str | None:
+@contextmanager
+def translated(url: str) -> Iterator[None]:
+    """SQLAlchemy's errors as the store's own, for callers that cannot import SQLAlchemy."""
+    try:
+        yield
+    except OperationalError as exc:
+        if _is_unreachable(exc):
+            raise DatabaseUnreachable(redact(url), _first_line(exc)) from None
+        raise
+    except StatementError as exc:
+        # A value refused before it reached the database (a naive datetime, a payload JSON cannot encode): the
+        # caller's bug, raised as the caller's own ValueError/TypeError, not as a SQLAlchemy type it cannot import.
+        if type(exc) is StatementError and isinstance(exc.orig, (ValueError, TypeError)):
+            raise exc.orig from None
+        if type(exc) is SqlDatabaseError and "not a database" in str(exc.orig):
+            raise DatabaseUnusable(redact(url), _first_line(exc)) from None
+        raise
+
+
+def missing_sqlite_file(url: str) -> str | None:
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -163,7 +192,7 @@ class Store:
     def __init__(self, url: str, *, check_schema: bool = True) -> None:
         self.url = url
         if check_schema:
-            missing = _missing_sqlite_file(url)
+            missing = missing_sqlite_file(url)
             if missing is not None:
                 raise SchemaMissing(missing)  # reading must not leave an empty database behind
         self.engine = make_engine(url)
@@ -182,19 +211,8 @@ class Store:
     # ---- plumbing ------------------------------------------------------------------------------------------
     @contextmanager
     def _connect(self, *, autocommit: bool = False) -> Iterator[Connection]:
-        try:
-            with (self._autocommit if autocommit else self.engine).connect() as conn:
-                yield conn
-        except OperationalError as exc:
-            if _is_unreachable(exc):
-                raise DatabaseUnreachable(redact(self.url), _first_line(exc)) from None
-            raise
-        except StatementError as exc:
-            # A value refused before it reached the database (a naive datetime, a payload JSON cannot encode): the
-            # caller's bug, raised as the caller's own ValueError/TypeError, not as a SQLAlchemy type it cannot import.
-            if type(exc) is StatementError and isinstance(exc.orig, (ValueError, TypeError)):
-                raise exc.orig from None
-            raise
+        with translated(self.url), (self._autocommit if autocommit else self.engine).connect() as conn:
+            yield conn
 
     @contextmanager
     def _transaction(self) -> Iterator[Connection]:

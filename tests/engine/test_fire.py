@@ -27,7 +27,7 @@ def test_an_illegal_trigger_raises_and_leaves_the_row_the_journal_and_the_outbox
     before = _snapshot(mesh, "sidecar", POD)
     assert before[0].state == "publishing" and len(before[2]) == 1
 
-    for trigger, payload in (("tick", {}), ("register", {"owner": POD}), ("no-such-trigger", {})):
+    for trigger, payload in (("tick", {}), ("prepare", {}), ("no-such-trigger", {})):
         with pytest.raises(IllegalTrigger) as raised:
             mesh.engine.fire("sidecar", POD, trigger, payload, actor="cli:operator")
         assert (raised.value.state, raised.value.trigger) == ("publishing", trigger)

@@ -60,7 +60,9 @@ def test_the_first_ca_generation_is_prepared_published_and_activated_at_bootstra
     assert [(j.to_state, j.actor) for j in mesh.journal("ca", "1")] == [
         ("preparing", "bootstrap"),
         ("prepared", "effect:GenerateCa"),
+        ("prepared", "effect:JoinBundle"),  # in the bundle before it signs anything
         ("active", "ca/1"),
+        ("active", "effect:ActivateCa"),  # the CA signs with it
     ]
     assert mesh.delivery.bundle == ("1",)
 

@@ -200,7 +200,7 @@ def test_a_ca_generation_that_could_not_be_made_is_made_again_on_its_own_after_i
     assert retry_at == mesh.clock.now() + timedelta(seconds=60)
     mesh.advance_to(retry_at)
     mesh.engine.tick()
-    assert mesh.path("ca", "1") == ["preparing", "failed", "preparing", "prepared", "active"]
+    assert mesh.path("ca", "1") == ["preparing", "failed", "preparing", "prepared", "prepared", "active", "active"]
     assert mesh.delivery.bundle == ("1",)
 
 

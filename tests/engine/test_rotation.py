@@ -103,7 +103,8 @@ def test_a_ca_rotation_keeps_both_generations_trusted_until_the_old_ones_leaves_
 
     # Prepare: the new generation joins the bundle before it signs anything.
     e.fire("ca", "2", "prepare", {"previous": "1"}, actor="cli:operator")
-    assert mesh.path("ca", "2") == ["preparing", "prepared"]
+    assert mesh.path("ca", "2") == ["preparing", "prepared", "prepared"]
+    assert mesh.journal("ca", "2")[-1].reason == "bundled"
     assert mesh.delivery.bundle == ("1", "2")
     assert mesh.state("ca", "1") == "active"
 
@@ -140,11 +141,11 @@ def test_a_ca_rotation_keeps_both_generations_trusted_until_the_old_ones_leaves_
     assert mesh.state("ca", "1") == "retired"
     assert mesh.delivery.bundle == ("2",)
     assert mesh.row("ca", "1").due_at is None
-    assert mesh.path("ca", "1") == ["preparing", "prepared", "active", "retiring", "retiring", "retiring",
-                                    "retiring", "retired"]
-    assert [j.reason for j in mesh.journal("ca", "1")[3:]] == ["retiring", "retiring", "leaves-outstanding",
+    assert mesh.path("ca", "1") == ["preparing", "prepared", "prepared", "active", "active", "retiring", "retiring",
+                                    "retiring", "retiring", "retired"]
+    assert [j.reason for j in mesh.journal("ca", "1")[5:]] == ["retiring", "retiring", "leaves-outstanding",
                                                                "retiring", "retired"]
-    assert [j.actor for j in mesh.journal("ca", "1")[3:]] == [
+    assert [j.actor for j in mesh.journal("ca", "1")[5:]] == [
         "ca/2", "scheduler", "effect:CountOutstandingLeaves", "scheduler", "effect:CountOutstandingLeaves"]
 
 

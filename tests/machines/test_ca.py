@@ -8,7 +8,14 @@ from machines import SPECS, Context
 from machines.base import Fire
 from machines.certificate import CaReason as R
 from machines.certificate import CaState as S
-from machines.effects import ActivateCa, CountOutstandingLeaves, GenerateCa, PublishBundle, ReissueLeaves
+from machines.effects import (
+    ActivateCa,
+    CountOutstandingLeaves,
+    GenerateCa,
+    JoinBundle,
+    PublishBundle,
+    ReissueLeaves,
+)
 from tests.machines.tables import ILLEGAL, T0, Case, Moves, Nothing, at, check, context, product_params
 
 SPEC = SPECS["ca"]
@@ -17,17 +24,15 @@ CA_TTL = 720 * 3600.0
 BASE = {"previous": "1", "auto_activate": False}
 CHECK_AT = at(60)  # the default retire check interval
 
-TRIGGERS = ("prepare", "prepared", "activate", "retire", "tick", "checked", "fail")
+TRIGGERS = ("prepare", "prepared", "bundled", "activate", "activated", "retire", "tick", "checked", "fail")
 
 TABLE: dict[tuple[S, str], tuple[Case, ...]] = {
     (S.preparing, "prepared"): (
         # The bundle grows before the generation signs anything.
-        Case("by hand", Moves(S.prepared, R.PREPARED, effects=(PublishBundle(),),
-                              data={"not_before": T0.isoformat(), "not_after": at(3600).isoformat()}),
+        Case("always", Moves(S.prepared, R.PREPARED, effects=(JoinBundle(KEY),),
+                             data={"not_before": T0.isoformat(), "not_after": at(3600).isoformat(),
+                                   "in_bundle": False}),
              payload={"not_before": T0.isoformat(), "not_after": at(3600).isoformat()}),
-        Case("to be activated at once", Moves(S.prepared, R.PREPARED,
-                                              effects=(PublishBundle(), Fire("ca", KEY, "activate"))),
-             data={"auto_activate": True}),
     ),
     (S.preparing, "fail"): (
         Case("with a reason", Moves(S.failed, R.FAILED, due=at(60), data={"failure": "disk full"}),
@@ -36,11 +41,26 @@ TABLE: dict[tuple[S, str], tuple[Case, ...]] = {
              settings={"ca_retry_after": 5}),
     ),
 
+    (S.prepared, "bundled"): (
+        Case("by hand", Moves(S.prepared, R.BUNDLED, data={"in_bundle": True})),
+        Case("to be activated at once", Moves(S.prepared, R.BUNDLED, effects=(Fire("ca", KEY, "activate"),)),
+             data={"auto_activate": True}),
+    ),
     (S.prepared, "activate"): (
+        Case("once it is in the bundle", Moves(S.active, R.ACTIVATED, effects=(ActivateCa(KEY),)),
+             data={"in_bundle": True}),
+        Case("before it is in the bundle, which must not sign yet", Nothing, data={"in_bundle": False}),
+    ),
+
+    (S.active, "activated"): (
         Case("replacing a previous generation",
-             Moves(S.active, R.ACTIVATED, effects=(ActivateCa(KEY), ReissueLeaves(KEY), Fire("ca", "1", "retire")))),
-        Case("as the first generation", Moves(S.active, R.ACTIVATED, effects=(ActivateCa(KEY), ReissueLeaves(KEY))),
+             Moves(S.active, R.SIGNING, effects=(ReissueLeaves(KEY), Fire("ca", "1", "retire")))),
+        Case("as the first generation", Moves(S.active, R.SIGNING, effects=(ReissueLeaves(KEY),)),
              data={"previous": None}),
+    ),
+    (S.active, "fail"): (
+        Case("when the CA could not activate it", Moves(S.failed, R.FAILED, due=at(60), data={"failure": "hsm"}),
+             payload={"reason": "hsm"}),
     ),
 
     (S.active, "retire"): (

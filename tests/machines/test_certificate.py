@@ -126,6 +126,8 @@ TABLE: dict[tuple[S, str], tuple[Case, ...]] = {
         Case("at its retry time", Moves(S.requested, R.RETRY, effects=(SIGN,)), now=RETRY_AT, due_at=RETRY_AT),
     ),
     (S.failed, "retry"): (Case("always", Moves(S.requested, R.RETRY, effects=(SIGN,))),),
+    # Revoked when its owner leaves: its own retry must not sign it again for nobody.
+    (S.failed, "revoke"): (Case("always", REVOKE),),
 }
 
 

@@ -36,6 +36,14 @@ PUBLISH = PublishConfig(KEY, 3)
 REMOVE = (Case("always", Moves(S.removed, R.REMOVED, effects=(DeleteConfig(KEY),))),)
 
 
+def register_cases() -> tuple[Case, ...]:
+    """A sidecar that connects again gets its document anew, and its next first acknowledgement tells the pod."""
+    return (Case("again", Moves(S.pending, R.REREGISTERED, due=at(50.1),
+                                data={"desired": 4, "window_start": at(50).isoformat(), "owner_notified": False,
+                                      "republishes": 0}),
+                 now=at(50)),)
+
+
 def ack_cases(state: S) -> tuple[Case, ...]:
     due = DUE.get(state)
     return (
@@ -70,6 +78,13 @@ def fail_cases() -> tuple[Case, ...]:
 
 
 TABLE: dict[tuple[S, str], tuple[Case, ...]] = {
+    (S.pending, "register"): register_cases(),
+    (S.publishing, "register"): register_cases(),
+    (S.sent, "register"): register_cases(),
+    (S.synced, "register"): register_cases(),
+    (S.stale, "register"): register_cases(),
+    (S.failed, "register"): register_cases(),
+    (S.removed, "register"): register_cases(),
     (S.pending, "change"): (
         Case("inside the window, which waits for quiet again", Moves(S.pending, R.CHANGED, due=at(1.1),
                                                                      data={"desired": 4,

@@ -34,6 +34,12 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
+@pytest.fixture(autouse=True)
+def default_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reaches the user's own state directory, whatever it forgets to pass."""
+    monkeypatch.setenv("MESHLOOM_STATE_DIR", str(tmp_path / "default-state"))
+
+
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     return tmp_path / "state"
@@ -236,3 +242,32 @@ def test_up_runs_the_engine_bootstraps_the_ca_refuses_a_second_copy_and_stops_on
     cas = subprocess.run([MESHCTL, "state", "cas", "-o", "json"], env=env, check=True, capture_output=True, text=True,
                          timeout=60)
     assert [c["state"] for c in json.loads(cas.stdout)] == ["active"]
+
+
+def test_a_payload_the_trigger_cannot_use_is_one_line_and_nothing_changes(capsys, state_dir, mesh):
+    before = snapshot(mesh)
+    code, _, err = run(capsys, "fire", "sidecar/default/web-1", "ack", "--payload", '{"generation": "abc"}',
+                       "--state-dir", str(state_dir))
+    assert code == 2 and "the payload of trigger 'ack' is not usable" in one_line(err)
+    assert snapshot(mesh) == before
+
+
+@pytest.mark.parametrize("argv", [["db", "upgrade"], ["version"], ["up", "--for", "0"]])
+def test_every_command_that_opens_the_database_says_unreachable_in_one_line(capsys, state_dir, argv):
+    code, _, err = run(capsys, *argv, "--db", "postgresql://mesh:s3cret@127.0.0.1:1/mesh", "--state-dir",
+                       str(state_dir))
+    line = one_line(err)
+    assert code == 5 and "cannot reach the database" in line and "s3cret" not in line
+
+
+def test_a_file_that_is_not_a_database_is_one_line(capsys, tmp_path):
+    not_a_db = tmp_path / "notes.txt"
+    not_a_db.write_text("hello, this is not SQLite\n" * 100)
+    code, _, err = run(capsys, "state", "pods", "--db", f"sqlite:///{not_a_db}")
+    assert code == 5 and "is not a database" in one_line(err)
+
+
+def test_version_on_a_new_state_dir_creates_nothing(capsys, tmp_path):
+    code, out, _ = run(capsys, "version", "--state-dir", str(tmp_path / "new"))
+    assert code == 0 and out.splitlines()[-1].endswith(": (none)")
+    assert not (tmp_path / "new").exists()
