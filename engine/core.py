@@ -181,6 +181,14 @@ class Engine:
             work = self._local.work = deque()
         return work
 
+    def discard_work(self) -> list[PendingEffect]:
+        """Hand back and forget the effects this thread committed without running them. They stay in the outbox
+        for whoever runs effects (the control plane's tick); for callers that only commit, as the benchmarks."""
+        work = self._work()
+        left = list(work)
+        work.clear()
+        return left
+
     def drain(self) -> int:
         """Run the effects this thread committed, and those their outcomes commit, until none are left."""
         if getattr(self._local, "draining", False):
