@@ -276,18 +276,13 @@ class Store:
         """Commit a transition with its journal row and effects; raise StaleVersion if another writer won."""
         version = t.expected_version + 1
         try:
-            if self._postgresql and t.consumes is None:
-                # One statement that writes all or nothing (a stale version writes nothing: see below), so it
-                # needs no transaction of its own. Answering an effect does: the effect may be gone after the row
-                # was written, and then the row must be rolled back.
+            if self._postgresql and not (t.consumes is not None and t.expected_version == 0):
+                # One statement that writes all or nothing (see below), so it needs no transaction of its own.
                 with self._single_statement() as conn:
                     created, pending = _write_in_one_statement(conn, t, version)
             else:
                 with self._transaction() as conn:
-                    if self._postgresql:
-                        created, pending = _write_in_one_statement(conn, t, version)
-                    else:
-                        created, pending = self._write(conn, t, version)
+                    created, pending = self._write(conn, t, version)
         except IntegrityError:
             # A concurrent writer created the entity (or journaled this version) first.
             raise StaleVersion(t.kind, t.key, t.expected_version) from None
@@ -388,10 +383,12 @@ class Store:
 # six or seven (the `get` before it, BEGIN, three or four writes, COMMIT), and takes four in a transaction, two without
 # one. In bench/engine.py's `update` workload: 912 transitions/s before, 1,165 in a transaction, 1,341 without.
 # Every sub-statement runs to completion whatever the final SELECT reads. The journal and effect rows are taken FROM
-# e, so a stale version writes none of them: the statement then wrote nothing at all, which is why `apply` can send it
-# alone, without a transaction, when it answers no effect. When it does answer one, it runs in a transaction: the
-# effect may be gone although the row was written, and raising EffectGone then rolls the row back, as in `_write`.
-# A duplicate entity or journal version raises IntegrityError, as there.
+# e, so a stale version writes none of them: the statement then wrote nothing at all, which is why `apply` sends it
+# alone, without a transaction. Answering an effect keeps that all-or-nothing: x locks the answered outbox row, the
+# row is updated only if x found it, and the outbox row is deleted only if the row was updated. A second engine
+# answering the same effect waits on that lock and then finds the row gone (x empty: EffectGone, nothing written);
+# a stale version finds x but updates nothing, so the effect stays for the retry. A duplicate entity or journal
+# version raises IntegrityError, as in `_write`.
 _PG_CREATE = """e AS (
     INSERT INTO entities (kind, key, state, version, retry_count, retry_at, due_at, data, created_at, updated_at)
     VALUES (:kind, :key, :state, :version, 0, NULL, :due_at, CAST(:data AS JSON), :at, :at)
@@ -404,7 +401,8 @@ _PG_UPDATE = """e AS (
 _PG_JOURNAL = """j AS (
     INSERT INTO journal (kind, key, version, from_state, to_state, trigger, reason, detail, actor, at)
     SELECT :kind, :key, :version, :from_state, :state, :trigger, :reason, :detail, :actor, :at FROM e)"""
-_PG_CONSUME = """c AS (DELETE FROM outbox WHERE id = :consumes RETURNING id)"""
+_PG_LOCK_ANSWERED = """x AS (SELECT id FROM outbox WHERE id = :consumes FOR UPDATE)"""
+_PG_CONSUME = """c AS (DELETE FROM outbox WHERE id IN (SELECT id FROM x) AND EXISTS (SELECT 1 FROM e) RETURNING id)"""
 # The ids come from a sequence in the order of ORDER BY v.n, so sorted ids are in the order of the effects.
 _PG_EFFECTS = """o AS (
     INSERT INTO outbox (kind, key, effect, payload, attempts, run_at, created_at)
@@ -417,20 +415,23 @@ _PG_EFFECT_ROW = "({n}, CAST(:effect_{n} AS VARCHAR), CAST(:payload_{n} AS JSON)
 
 @functools.lru_cache(maxsize=64)
 def _one_statement(create: bool, consumes: bool, effects: int) -> TextualSelect:
-    ctes = [_PG_CREATE if create else _PG_UPDATE, _PG_JOURNAL]
+    assert not (create and consumes), "an outcome always answers an entity that exists"
+    if consumes:
+        update = _PG_UPDATE.replace("AND version = :expected", "AND version = :expected AND EXISTS (SELECT 1 FROM x)")
+        ctes = [_PG_LOCK_ANSWERED, update, _PG_JOURNAL, _PG_CONSUME]
+    else:
+        ctes = [_PG_CREATE if create else _PG_UPDATE, _PG_JOURNAL]
     binds: builtins.list[BindParameter[Any]] = [
         bindparam("at", type_=UtcDateTime()), bindparam("due_at", type_=UtcDateTime()), bindparam("data", type_=JSON())]
-    if consumes:
-        ctes.append(_PG_CONSUME)
     if effects:
         ctes.append(_PG_EFFECTS.format(rows=", ".join(_PG_EFFECT_ROW.format(n=n) for n in range(effects))))
         for n in range(effects):
             binds += [bindparam(f"payload_{n}", type_=JSON()), bindparam(f"run_at_{n}", type_=UtcDateTime())]
     sql = (f"WITH {', '.join(ctes)}\n"
            f"SELECT (SELECT created_at FROM e) AS created_at, "
-           f"{'(SELECT count(*) FROM c)' if consumes else 'NULL'} AS consumed, "
+           f"{'(SELECT count(*) FROM x)' if consumes else 'NULL'} AS answerable, "
            f"{'ARRAY(SELECT id FROM o)' if effects else 'NULL'} AS ids")
-    return text(sql).bindparams(*binds).columns(created_at=UtcDateTime(), consumed=Integer(), ids=ARRAY(BigInteger()))
+    return text(sql).bindparams(*binds).columns(created_at=UtcDateTime(), answerable=Integer(), ids=ARRAY(BigInteger()))
 
 
 def _write_in_one_statement(conn: Connection, t: Transition,
@@ -443,8 +444,8 @@ def _write_in_one_statement(conn: Connection, t: Transition,
     for n, e in enumerate(t.effects):
         params |= {f"effect_{n}": e.effect, f"payload_{n}": dict(e.payload), f"run_at_{n}": e.run_at}
     statement = _one_statement(t.expected_version == 0, t.consumes is not None, len(t.effects))
-    created, consumed, ids = conn.execute(statement, params).one()
-    if t.consumes is not None and consumed != 1:
+    created, answerable, ids = conn.execute(statement, params).one()
+    if t.consumes is not None and answerable != 1:
         raise EffectGone(t.consumes)
     if created is None:
         raise StaleVersion(t.kind, t.key, t.expected_version)
