@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from sqlalchemy import delete, insert
 from sqlalchemy.exc import IntegrityError
@@ -134,3 +136,41 @@ def test_a_version_already_journaled_rolls_back_the_row_written_before_it(store:
 
     assert nothing_changed(store, before)
     assert store.get("pod", "shop/web") is None
+
+
+def _race_to_answer(stores: tuple[Store, Store], key: str, effect_id: int) -> list[str]:
+    """Both writers load the entity at version 1 and feed the same outcome back at the same moment."""
+    barrier, outcomes = threading.Barrier(2), []
+
+    def answer(store: Store) -> None:
+        t = transition(key, expected=1, from_state="admitted", to="injected", trigger="injected",
+                       effects=[effect("TeardownPod")], consumes=effect_id)
+        barrier.wait(timeout=30)
+        try:
+            store.apply(t)
+            outcomes.append("committed")
+        except (EffectGone, StaleVersion) as exc:
+            outcomes.append(type(exc).__name__)
+
+    threads = [threading.Thread(target=answer, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return outcomes
+
+
+def test_two_writers_answering_the_same_effect_at_once_give_one_outcome(db_url: str) -> None:
+    """One commits; the other finds the effect gone (or the version stale); the outcome is journaled once."""
+    stores = Store(db_url), Store(db_url)
+    try:
+        for i in range(20):
+            key = f"shop/web-{i}"
+            _, [pending] = stores[0].apply(transition(key, effects=[effect()]))
+            outcomes = _race_to_answer(stores, key, pending.id)
+            assert len(outcomes) == 2 and outcomes.count("committed") == 1, outcomes
+            assert [j.to_state for j in stores[0].journal("pod", key)] == ["admitted", "injected"]
+            assert [p.effect for p in stores[0].pending_effects("pod", key)] == ["TeardownPod"]
+    finally:
+        for s in stores:
+            s.close()
