@@ -7,7 +7,7 @@ from pathlib import Path
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, inspect
+from sqlalchemy import Connection
 
 from alembic import command
 from store.errors import SchemaMissing, SchemaOutdated, SchemaTooNew
@@ -92,7 +92,3 @@ def check(url: str) -> None:
             command.check(cfg)
     finally:
         engine.dispose()
-
-
-def tables(conn: Connection) -> list[str]:
-    return sorted(inspect(conn).get_table_names())

@@ -122,7 +122,7 @@ def make_engine(url: str) -> Engine:
         else:
             if parsed.drivername == "postgresql":
                 parsed = parsed.set(drivername="postgresql+psycopg")
-            engine = create_engine(parsed, connect_args=_pg_connect_args(parsed))
+            engine = create_engine(parsed, connect_args=_pg_connect_args())
             _ping_when_idle(engine)
     except (NoSuchModuleError, ImportError):  # ImportError: a dialect SQLAlchemy knows but whose driver is absent
         raise InvalidDatabaseUrl(redact(url), "unsupported database (use sqlite:/// or postgresql://)") from None
@@ -182,7 +182,7 @@ def missing_sqlite_file(url: str) -> str | None:
     return None if Path(parsed.database).exists() else parsed.database
 
 
-def _pg_connect_args(parsed: Any) -> dict[str, Any]:
+def _pg_connect_args() -> dict[str, Any]:
     return {"connect_timeout": int(os.environ.get("MESHLOOM_DB_CONNECT_TIMEOUT", "5"))}
 
 
@@ -372,9 +372,6 @@ class Store:
         with self._connect(autocommit=True) as conn:
             return [_journal(r) for r in conn.execute(query)]
 
-    def ping(self) -> None:
-        with self._connect(autocommit=True) as conn:
-            conn.execute(text("SELECT 1"))
 
 
 # ---- PostgreSQL: a transition's writes in one statement ---------------------------------------------------------
