@@ -39,11 +39,18 @@ from actions.clock import Clock
 from engine import executor
 from engine.errors import Contention, InvalidKey, UnknownEntity
 from engine.executor import Fail, Ok, Retry
+from engine.throttle import SigningSchedule
 from machines import BadPayload, Context, IllegalTrigger, Spec, spec_for
 from machines.base import effect_from_dict, effect_to_dict
 from store import KEY_LENGTH, EffectGone, Entity, NewEffect, PendingEffect, StaleVersion, Store, Transition
 
 log = logging.getLogger("meshloom.engine")
+
+
+# Rotations are signed at most this fast. Signing costs about 1 ms of CPU (bench/identity.py): half a core is left
+# for new pods and everything else, and 10,000 certificates due at once still rotate within 20 s.
+DEFAULT_SIGNING_RATE = 500.0
+DEFAULT_SIGNING_BURST = 50
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +78,7 @@ class Stats:
     conflicts: int = 0
     effects_run: int = 0
     retries: int = 0
+    deferrals: int = 0
     failures: int = 0
     by_kind: dict[str, int] = field(default_factory=dict)
     _lock: ClassVar[threading.Lock] = threading.Lock()
@@ -106,6 +114,11 @@ class Engine:
         self._jitter = jitter or random.Random().random
         self.actor = actor
         self.stats = Stats()
+        # Rotations wait for the signing rate limit; first certificates do not (engine/throttle.py).
+        rate = float(self.settings.get("signing_rate", DEFAULT_SIGNING_RATE))
+        self.signing: SigningSchedule | None = (
+            SigningSchedule(rate, int(self.settings.get("signing_burst", DEFAULT_SIGNING_BURST)), clock)
+            if rate > 0 else None)
         # Each thread drains the effects its own commits produced: a slow effect in one thread (the scheduler's
         # tick) never holds up a trigger fired from another (a sidecar's acknowledgement). Two threads at the same
         # entity are kept apart by the version column, as two processes are.
@@ -114,6 +127,8 @@ class Engine:
         # commit asks for a tick at a time (the scheduler wakes up early for it).
         self.on_commit: Callable[[Entity, list[PendingEffect]], None] | None = None
         self.on_due: Callable[[datetime], None] | None = None
+        # Where the tick's effects run: here by default; the runtime hands them to its workers.
+        self.dispatch: Callable[[list[PendingEffect]], None] = self.run_all
 
     # ---- firing ----------------------------------------------------------------------------------------------
     def fire(self, kind: str, key: str, trigger: str, payload: Mapping[str, Any] | None = None, *,
@@ -219,11 +234,11 @@ class Engine:
         outcome = executor.run(self, eff, f"{pending.kind}/{pending.key}")
         self.stats.count("effects_run")
         if isinstance(outcome, Retry):
-            attempt = pending.attempts + 1
-            if attempt < self.policy.max_attempts:
+            attempt = pending.attempts + 1 if outcome.counted else pending.attempts
+            if attempt < self.policy.max_attempts or not outcome.counted:
                 delay = outcome.after if outcome.after is not None else backoff(attempt, self.policy)
                 run_at = self.clock.now() + timedelta(seconds=delay)
-                self.stats.count("retries")
+                self.stats.count("retries" if outcome.counted else "deferrals")
                 try:
                     self.store.postpone_effect(pending.id, attempt, run_at, outcome.reason)
                 except EffectGone:
@@ -252,21 +267,27 @@ class Engine:
 
     # ---- time ------------------------------------------------------------------------------------------------
     def tick(self) -> TickReport:
-        """One scheduler tick: fire `tick` on every due entity, run every due effect."""
+        """One scheduler tick: fire `tick` on every due entity, then hand the effects due and those the ticks made
+        to `dispatch`. The tick itself only commits, so a burst of rotations does not make the tick late."""
         now = self.clock.now()
         due = self.store.due_entities(now, self.policy.tick_batch)
         for entity in due:
-            self._isolated(entity.ref, self.fire, entity.kind, entity.key, "tick", actor="scheduler")
+            self._isolated(entity.ref, self.fire, entity.kind, entity.key, "tick", actor="scheduler", drain=False)
         effects = self.store.due_effects(now, self.policy.tick_batch)
-        for pending in effects:
-            self._isolated(f"{pending.kind}/{pending.key}", self._run_and_drain, pending)
+        made = self.discard_work()
+        seen = {p.id for p in made}
+        self.dispatch(made + [p for p in effects if p.id not in seen])
         return TickReport(len(due), len(effects))
+
+    def run_all(self, pending: list[PendingEffect]) -> None:
+        """Run effects here and now, each isolated, with whatever their outcomes make (the default `dispatch`)."""
+        for p in pending:
+            self._isolated(f"{p.kind}/{p.key}", self._run_and_drain, p)
 
     def recover(self) -> int:
         """At start: run what a previous process committed but never ran, without waiting for its lease."""
         pending = self.store.due_effects(self.clock.now(), self.policy.tick_batch, fresh_too=True)
-        for p in pending:
-            self._isolated(f"{p.kind}/{p.key}", self._run_and_drain, p)
+        self.run_all(pending)
         return len(pending)
 
     def _run_and_drain(self, pending: PendingEffect) -> None:

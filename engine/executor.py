@@ -49,6 +49,15 @@ class Ok:
 class Retry:
     reason: str
     after: float | None = None  # seconds; None: the engine's backoff decides
+    counted: bool = True  # False: not a failed attempt, only a wait (a rate limit); it never makes the effect fail
+
+
+class Deferred(Exception):
+    """Raised by a handler that must wait its turn: not an error, not an attempt."""
+
+    def __init__(self, reason: str, after: float) -> None:
+        super().__init__(reason)
+        self.reason, self.after = reason, after
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +81,8 @@ def run(engine: Engine, effect: Effect, origin: str) -> Outcome:
         return Fail(f"no handler for effect {type(effect).__name__}")
     try:
         return Ok(handler(engine, effect, origin) or {})
+    except Deferred as exc:
+        return Retry(exc.reason, exc.after, counted=False)
     except TemporaryError as exc:
         return Retry(exc.reason, exc.retry_after)
     except PermanentError as exc:
@@ -89,6 +100,14 @@ def _actions(engine: Engine) -> Actions:
 
 
 def _sign(engine: Engine, e: SignSvid, origin: str) -> Mapping[str, Any]:
+    schedule = engine.signing
+    if schedule is not None:
+        if e.rotation:
+            wait = schedule.wait(e.cert)
+            if wait > 0:
+                raise Deferred("waiting for the signing rate limit", wait)
+        else:
+            schedule.take_now()
     issued = _actions(engine).ca.sign_svid(e.spiffe_id, e.dns_names, e.ttl_seconds)
     return {"serial": issued.serial, "generation": issued.generation, "not_before": iso(issued.not_before),
             "not_after": iso(issued.not_after)}

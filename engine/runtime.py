@@ -1,32 +1,56 @@
 """The running engine: one periodic scheduler tick (APScheduler) over an `Engine`, and its bootstrap.
 
 The tick asks the store what is due; nothing else is scheduled. When a commit asks for a tick sooner than the next
-one (a 100 ms coalescing window), the job's next run is brought forward instead of adding a job.
+one (a 100 ms coalescing window), the job's next run is brought forward instead of adding a job. The tick only
+commits; the effects it makes or finds due run on a small pool of workers, so a burst of rotations (each a signature
+and a delivery) never makes the next tick late. An effect already with a worker is not handed out again.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from engine.core import Engine
+from store import PendingEffect
 
 log = logging.getLogger("meshloom.engine")
 JOB_ID = "meshloom-tick"
 DEFAULT_TICK_SECONDS = 1.0
+DEFAULT_WORKERS = 2  # effects wait on I/O (the CA's disk, NATS, the node agent) more than on the CPU
 
 
 class Runner:
-    def __init__(self, engine: Engine, tick_seconds: float = DEFAULT_TICK_SECONDS) -> None:
+    def __init__(self, engine: Engine, tick_seconds: float = DEFAULT_TICK_SECONDS,
+                 workers: int = DEFAULT_WORKERS) -> None:
         self.engine = engine
         self.tick_seconds = tick_seconds
         self.scheduler = BackgroundScheduler(timezone="UTC")
         self.ticks = 0
         self.ticked = threading.Event()
         self._started = False
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="meshloom-effects")
+        self._in_flight: set[int] = set()
+        self._lock = threading.Lock()
+
+    def _dispatch(self, pending: list[PendingEffect]) -> None:
+        for p in pending:
+            with self._lock:
+                if p.id in self._in_flight:
+                    continue
+                self._in_flight.add(p.id)
+            self._pool.submit(self._run, p)
+
+    def _run(self, p: PendingEffect) -> None:
+        try:
+            self.engine.run_all([p])
+        finally:
+            with self._lock:
+                self._in_flight.discard(p.id)
 
     def _tick(self) -> None:
         try:
@@ -44,6 +68,7 @@ class Runner:
     def start(self) -> int:
         """Run what a previous process left in the outbox, then start ticking; returns how many effects it ran."""
         recovered = self.engine.recover()
+        self.engine.dispatch = self._dispatch
         self.scheduler.add_job(self._tick, "interval", seconds=self.tick_seconds, id=JOB_ID, max_instances=1,
                                coalesce=True, next_run_time=self.engine.clock.now())
         self.engine.on_due = self._wake
@@ -55,6 +80,8 @@ class Runner:
         if self._started:
             self.engine.on_due = None
             self.scheduler.shutdown(wait=True)
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self.engine.dispatch = self.engine.run_all
             self._started = False
 
 

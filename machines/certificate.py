@@ -122,7 +122,7 @@ def _request(ctx: Context) -> dict[str, object]:
 
 def _sign(ctx: Context) -> tuple[Effect, ...]:
     d = ctx.data
-    return (SignSvid(ctx.key, d["spiffe_id"], tuple(d["dns_names"]), d["ttl_seconds"]),)
+    return (SignSvid(ctx.key, d["spiffe_id"], tuple(d["dns_names"]), d["ttl_seconds"], bool(d.get("supersedes"))),)
 
 
 def _issued(ctx: Context) -> dict[str, object]:

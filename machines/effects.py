@@ -59,12 +59,17 @@ class TeardownPod(Effect):
 @effect
 @dataclass(frozen=True, slots=True)
 class SignSvid(Effect):
-    """Sign an X.509-SVID; the outcome carries serial, generation, not_before and not_after."""
+    """Sign an X.509-SVID; the outcome carries serial, generation, not_before and not_after.
+
+    `rotation` marks the successor of a serving certificate: those wait for the signing rate limit, so that a mass
+    rotation cannot starve a new pod of its first certificate.
+    """
 
     cert: str
     spiffe_id: str
     dns_names: tuple[str, ...]
     ttl_seconds: float
+    rotation: bool = False
     on_ok: ClassVar[str | None] = "issued"
 
 
