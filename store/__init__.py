@@ -10,11 +10,21 @@ from store.errors import (
     StaleVersion,
     StoreError,
 )
-from store.records import KEY_LENGTH, Entity, JournalEntry, NewEffect, PendingEffect, Transition
+from store.records import (
+    KEY_LENGTH,
+    Document,
+    Entity,
+    JournalEntry,
+    NewEffect,
+    PendingEffect,
+    Resource,
+    Transition,
+    WorldChange,
+)
 from store.sql import Store, redact, sqlite_url
 
 __all__ = [
-    "KEY_LENGTH", "Conflict", "DatabaseError", "DatabaseUnreachable", "EffectGone", "Entity", "JournalEntry",
-    "NewEffect", "PendingEffect", "SchemaMissing", "SchemaOutdated", "StaleVersion", "Store", "StoreError",
-    "Transition", "redact", "sqlite_url",
+    "KEY_LENGTH", "Conflict", "DatabaseError", "DatabaseUnreachable", "Document", "EffectGone", "Entity",
+    "JournalEntry", "NewEffect", "PendingEffect", "Resource", "SchemaMissing", "SchemaOutdated", "StaleVersion",
+    "Store", "StoreError", "Transition", "WorldChange", "redact", "sqlite_url",
 ]

@@ -80,3 +80,39 @@ class Transition:
     detail: str | None = None
     effects: tuple[NewEffect, ...] = field(default_factory=tuple)
     consumes: int | None = None  # the outbox row whose outcome this transition is; deleted in the same commit
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    """One stored resource of the world (a Service, a Pod, a TrafficSplit...), as its manifest."""
+
+    kind: str
+    namespace: str
+    name: str
+    api_version: str
+    body: Mapping[str, Any]
+    revision: int = 0
+    updated_at: datetime | None = None
+
+    @property
+    def ref(self) -> tuple[str, str, str]:
+        return (self.kind, self.namespace, self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class WorldChange:
+    revision: int
+    actor: str
+    summary: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Document:
+    """A sidecar's configuration document as the catalog computed it."""
+
+    sidecar: str
+    digest: str
+    body: str
+    revision: int
+    updated_at: datetime

@@ -92,3 +92,39 @@ journal = Table(
     Index(None, "kind", "key", "version", unique=True),
     Index(None, "at"),
 )
+
+# ---- the world: what the mesh is told (services, pods, policies), and what it computed from it ----------------
+# One row per change of the world (a `meshctl apply`, a watch event batch): its id is the world's revision, so the
+# control plane notices a change by reading one number, and an operator can see who changed the world and when.
+world_changes = Table(
+    "world_changes",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("actor", String(128), nullable=False),
+    Column("summary", Text, nullable=False),
+    Column("at", UtcDateTime(), nullable=False),
+)
+
+resources = Table(
+    "resources",
+    metadata,
+    Column("kind", String(64), primary_key=True),
+    Column("namespace", String(253), primary_key=True),  # "" for cluster-wide resources
+    Column("name", String(253), primary_key=True),
+    Column("api_version", String(128), nullable=False),
+    Column("body", JSON, nullable=False),
+    Column("revision", BigInteger, nullable=False),  # the world change that last wrote it
+    Column("updated_at", UtcDateTime(), nullable=False),
+)
+
+# Each sidecar's current configuration document, as the catalog computed it from the world. The rollout machine
+# publishes what is here; the digest tells which sidecars a change of the world touched.
+documents = Table(
+    "documents",
+    metadata,
+    Column("sidecar", String(KEY_LENGTH), primary_key=True),
+    Column("digest", String(64), nullable=False),
+    Column("body", Text, nullable=False),
+    Column("revision", BigInteger, nullable=False),  # the world revision it was computed from
+    Column("updated_at", UtcDateTime(), nullable=False),
+)

@@ -60,6 +60,7 @@ from store.errors import (
 )
 from store.records import Entity, JournalEntry, NewEffect, PendingEffect, Transition
 from store.schema import UtcDateTime, entities, journal, outbox
+from store.world import WorldTables
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000  # a second writer waits this long for the lock before the store gives up
 # A pooled PostgreSQL connection is pinged before use only if it sat idle this long. The ping is there for connections
@@ -186,7 +187,7 @@ def _pg_connect_args() -> dict[str, Any]:
     return {"connect_timeout": int(os.environ.get("MESHLOOM_DB_CONNECT_TIMEOUT", "5"))}
 
 
-class Store:
+class Store(WorldTables):
     """The only door to SQL. Hands out records; takes `Transition`s."""
 
     def __init__(self, url: str, *, check_schema: bool = True) -> None:
