@@ -9,6 +9,7 @@ from actions.clock import Clock
 from actions.nats import ConfigPublisher, FakeConfigPublisher
 from actions.nodeagent import FakeSvidDelivery, SvidDelivery
 from actions.platform import FakePodPlatform, PodPlatform
+from actions.vault import MemoryVault, SvidVault
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,7 +18,9 @@ class Actions:
     delivery: SvidDelivery
     publisher: ConfigPublisher
     platform: PodPlatform
+    vault: SvidVault
 
 
 def fake_actions(clock: Clock) -> Actions:
-    return Actions(FakeCertificateAuthority(clock), FakeSvidDelivery(), FakeConfigPublisher(), FakePodPlatform())
+    return Actions(FakeCertificateAuthority(clock), FakeSvidDelivery(), FakeConfigPublisher(), FakePodPlatform(),
+                   MemoryVault())

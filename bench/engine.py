@@ -53,12 +53,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from actions import fake_actions
 from actions.clock import FakeClock
+from bench.facts import cpu_model, git_state, version
 from engine import Engine, ensure_ca
 from machines.base import Context
 from machines.certificate import CERT_SPEC, CertState
@@ -388,31 +388,7 @@ def bench_tick(dbs: Databases, sizes: Sizes) -> dict[str, Any]:
 
 
 # ---- machine facts and reporting -----------------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
-
-def _git() -> dict[str, Any]:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, check=True).stdout.strip())
-        return {"commit": head, "uncommitted_changes": dirty}
-    except (OSError, subprocess.CalledProcessError):
-        return {}
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def machine_facts(pg_version: str | None) -> dict[str, Any]:
@@ -420,14 +396,14 @@ def machine_facts(pg_version: str | None) -> dict[str, Any]:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "cores": os.cpu_count(),
         "load_average_1_5_15min_at_end": [round(x, 2) for x in os.getloadavg()],
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "sqlite": sqlite3.sqlite_version,
         "postgresql": pg_version,
-        "sqlalchemy": _version("sqlalchemy"),
-        "psycopg": _version("psycopg"),
-        "git": _git(),
+        "sqlalchemy": version("sqlalchemy"),
+        "psycopg": version("psycopg"),
+        "git": git_state(),
     }
 
 

@@ -2,7 +2,7 @@
 
 from engine.core import Engine, Policy, Stats, TickReport, backoff
 from engine.errors import Contention, EngineError, InvalidKey, UnknownEntity
-from engine.runtime import Runner, ensure_ca
+from engine.runtime import RotationUnderWay, Runner, ensure_ca, start_ca_rotation
 
-__all__ = ["Contention", "Engine", "EngineError", "InvalidKey", "Policy", "Runner", "Stats", "TickReport",
-           "UnknownEntity", "backoff", "ensure_ca"]
+__all__ = ["Contention", "Engine", "EngineError", "InvalidKey", "Policy", "RotationUnderWay", "Runner", "Stats",
+           "TickReport", "UnknownEntity", "backoff", "ensure_ca", "start_ca_rotation"]

@@ -6,13 +6,16 @@ Every action error is translated here, once, into an outcome: `Ok(payload)`, `Re
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from actions import Actions
+from actions.ca import der_certificates, svid_der
 from actions.errors import PermanentError, TemporaryError
+from actions.nodeagent import SvidMaterial
 from engine.errors import UnknownEntity
 from machines import BadPayload, IllegalTrigger
 from machines.base import Effect, Fire, iso
@@ -108,7 +111,12 @@ def _sign(engine: Engine, e: SignSvid, origin: str) -> Mapping[str, Any]:
                 raise Deferred("waiting for the signing rate limit", wait)
         else:
             schedule.take_now()
-    issued = _actions(engine).ca.sign_svid(e.spiffe_id, e.dns_names, e.ttl_seconds)
+    actions = _actions(engine)
+    issued = actions.ca.sign_svid(e.spiffe_id, e.dns_names, e.ttl_seconds)
+    _, key = svid_der(issued)
+    owner = e.cert.rpartition("/")[0]
+    actions.vault.put(owner, SvidMaterial(e.cert, e.spiffe_id, der_certificates((issued.certificate, *issued.chain)),
+                                          key, issued.not_after))
     return {"serial": issued.serial, "generation": issued.generation, "not_before": iso(issued.not_before),
             "not_after": iso(issued.not_after)}
 
@@ -118,14 +126,58 @@ def _generate(engine: Engine, e: GenerateCa, origin: str) -> Mapping[str, Any]:
     return {"not_before": iso(gen.not_before), "not_after": iso(gen.not_after)}
 
 
+def _deliver(engine: Engine, e: DeliverSvid, origin: str) -> None:
+    actions = _actions(engine)
+    material = actions.vault.get(e.owner, e.cert)
+    if material is None:  # signed by a process that died before it kept the key: the certificate is signed anew
+        raise PermanentError("the signed SVID was lost before delivery")
+    actions.delivery.deliver(e.owner, material)
+    actions.vault.keep_only(e.owner, e.cert)
+
+
+def _withdraw(engine: Engine, e: WithdrawSvid, origin: str) -> None:
+    actions = _actions(engine)
+    actions.delivery.withdraw(e.owner, e.cert)
+    if not engine.store.list("cert", states=(*OUTSTANDING, "requested"), key_prefix=f"{e.owner}/"):
+        actions.vault.forget(e.owner)
+
+
+def trust_domain(engine: Engine) -> str:
+    return str(engine.settings.get("trust_domain", "example.org"))
+
+
 def _publish_bundle(engine: Engine, e: PublishBundle | JoinBundle, origin: str) -> None:
+    actions = _actions(engine)
     gens = tuple(sorted(c.key for c in engine.store.list("ca", states=BUNDLED)))
-    _actions(engine).delivery.publish_bundle(gens)
+    actions.delivery.publish_bundle(trust_domain(engine), der_certificates(actions.ca.trust_anchors(gens)))
 
 
 def _publish_config(engine: Engine, e: PublishConfig, origin: str) -> Mapping[str, Any]:
-    _actions(engine).publisher.publish(e.sidecar, e.generation)
+    actions = _actions(engine)
+    doc = engine.store.document(e.sidecar)
+    if doc is None:
+        raise TemporaryError("no configuration document for this sidecar yet (is its pod in the world?)")
+    # The outbound shards it references go first, so a sidecar never reads a document whose shards are not there.
+    # (The publisher skips a shard it already stored with the same bytes.)
+    for namespace in _shards_of(doc.body):
+        shard = engine.store.document(shard_key(namespace))
+        if shard is not None:
+            actions.publisher.publish_shard(namespace, shard.body.encode())
+    actions.publisher.publish(e.sidecar, e.generation, doc.body.encode())
     return {"generation": e.generation}
+
+
+# Shards are stored beside the sidecars' documents under a key no pod can have (":" is not in Kubernetes names).
+SHARD_KEY_PREFIX = "shard:"
+
+
+def shard_key(namespace: str) -> str:
+    return f"{SHARD_KEY_PREFIX}{namespace}"
+
+
+def _shards_of(body: str) -> list[str]:
+    outbound = json.loads(body).get("outbound")
+    return sorted(outbound.get("shards", {})) if isinstance(outbound, dict) else []
 
 
 # ---- steps on other entities (through the engine, so they are journaled like any other) ---------------------
@@ -178,8 +230,8 @@ HANDLERS: dict[type[Effect], Handler] = {
     RequestIdentity: _request_identity,
     ReleaseIdentity: _release_identity,
     SignSvid: _sign,
-    DeliverSvid: lambda engine, e, origin: _actions(engine).delivery.deliver(e.owner, e.cert),
-    WithdrawSvid: lambda engine, e, origin: _actions(engine).delivery.withdraw(e.owner, e.cert),
+    DeliverSvid: _deliver,
+    WithdrawSvid: _withdraw,
     GenerateCa: _generate,
     ActivateCa: lambda engine, e, origin: _actions(engine).ca.activate(e.generation),
     PublishBundle: _publish_bundle,

@@ -16,6 +16,7 @@ from datetime import datetime
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from engine.core import Engine
+from engine.errors import EngineError
 from store import PendingEffect
 
 log = logging.getLogger("meshloom.engine")
@@ -35,7 +36,7 @@ class Runner:
         self._started = False
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="meshloom-effects")
         self._in_flight: set[int] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
 
     def _dispatch(self, pending: list[PendingEffect]) -> None:
         for p in pending:
@@ -51,6 +52,12 @@ class Runner:
         finally:
             with self._lock:
                 self._in_flight.discard(p.id)
+                self._lock.notify_all()
+
+    def settle(self, timeout: float) -> bool:
+        """Wait until the workers have run everything handed to them; False if `timeout` passed first."""
+        with self._lock:
+            return self._lock.wait_for(lambda: not self._in_flight, timeout)
 
     def _tick(self) -> None:
         try:
@@ -83,6 +90,25 @@ class Runner:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self.engine.dispatch = self.engine.run_all
             self._started = False
+
+
+class RotationUnderWay(EngineError):
+    pass
+
+
+def start_ca_rotation(engine: Engine) -> tuple[str, str]:
+    """Prepare the next CA generation to replace the active one; returns (new, old)."""
+    gens = engine.store.list("ca")
+    busy = [g.key for g in gens if g.state in ("preparing", "prepared")]
+    if busy:
+        raise RotationUnderWay(f"ca/{busy[0]}: a CA rotation is already under way")
+    active = [g.key for g in gens if g.state == "active"]
+    if not active:
+        raise RotationUnderWay("no active CA generation to rotate: start the control plane first ('meshctl up')")
+    old = max(active, key=int)
+    new = str(1 + max(int(g.key) for g in gens))
+    engine.fire("ca", new, "prepare", {"previous": old, "auto_activate": True}, drain=False)
+    return new, old
 
 
 def ensure_ca(engine: Engine) -> None:

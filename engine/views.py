@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
+from engine.executor import OUTSTANDING
 from machines import spec_for
 from machines.base import parse_time
 from machines.pod import WAITING_FOR, PodState
@@ -125,3 +128,31 @@ def _audit_row(text: str, j: JournalEntry) -> AuditRow:
 
 def as_dicts(rows: list[Any]) -> list[dict[str, Any]]:
     return [asdict(r) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class CaStatusView:
+    generation: str
+    state: str
+    role: str  # root | intermediate | ? (no keys in this state directory)
+    active: bool
+    subject: str
+    key_type: str
+    not_after: str | None
+    seconds_left: float | None
+    leaves: int  # live leaves it signed
+
+
+def ca_status(store: Store, ca_dir: Path, now: datetime) -> list[CaStatusView]:
+    """The CA machine's generations joined with what the CA's directory holds for each."""
+    from actions.ca import read_status
+
+    on_disk = {g.generation: g for g in read_status(ca_dir)}
+    live = Counter(c.data.get("generation") for c in store.list("cert", states=OUTSTANDING))
+    rows = []
+    for e in sorted(store.list("ca"), key=lambda e: int(e.key) if e.key.isdigit() else 0):
+        g = on_disk.get(e.key)
+        rows.append(CaStatusView(e.key, e.state, g.kind if g else "?", bool(g and g.active), g.subject if g else "-",
+                                 g.key_type if g else "-", e.data.get("not_after"), _left(now, e.data),
+                                 live.get(e.key, 0)))
+    return rows

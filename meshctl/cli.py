@@ -27,6 +27,8 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="The control plane's database.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+ca_app = typer.Typer(help="The mesh CA: its generations, and rotating them.", no_args_is_help=True)
+app.add_typer(ca_app, name="ca")
 
 StateDirOpt = Annotated[
     Path | None,
@@ -44,7 +46,23 @@ class Format(enum.StrEnum):
     json = "json"
 
 
+class GetFormat(enum.StrEnum):
+    table = "table"
+    json = "json"
+    yaml = "yaml"
+
+
 OutputOpt = Annotated[Format, typer.Option("--output", "-o", help="table for people, json for scripts")]
+# The CA's settings, as `meshctl up` takes them (NGINX Service Mesh's defaults).
+TrustDomainOpt = Annotated[str, typer.Option("--trust-domain", help="SPIFFE trust domain of the mesh")]
+KeyTypeOpt = Annotated[str, typer.Option("--key-type", help="ec-p256, ec-p384, rsa-2048 or rsa-4096")]
+SvidTtlOpt = Annotated[str, typer.Option("--svid-ttl", help="lifetime of workload certificates (e.g. 1h, 30m)")]
+CaTtlOpt = Annotated[str, typer.Option("--ca-ttl", help="lifetime of each CA generation (e.g. 720h)")]
+UpstreamOpt = Annotated[Path | None, typer.Option(help="an upstream CA's certificate (PEM): the mesh signs with an "
+                                                      "intermediate under it", show_default=False)]
+UpstreamKeyOpt = Annotated[Path | None, typer.Option(help="the upstream CA's private key (PEM)", show_default=False)]
+UpstreamBundleOpt = Annotated[Path | None, typer.Option(help="roots (PEM) the upstream certificate chains to",
+                                                        show_default=False)]
 
 
 class What(enum.StrEnum):
@@ -150,13 +168,119 @@ def fire(ref: Annotated[str, typer.Argument(help="KIND/KEY of the entity")],
 @app.command()
 def up(db: DbOpt = None, state_dir: StateDirOpt = None,
        tick: Annotated[float, typer.Option(help="seconds between scheduler ticks", min=0.05)] = 1.0,
-       run_for: Annotated[float | None, typer.Option("--for", help="stop after this many seconds", min=0)] = None
-       ) -> None:
-    """Run the control plane on its embedded default: SQLite in the state directory, the engine and its scheduler.
-    """
+       run_for: Annotated[float | None, typer.Option("--for", help="stop after this many seconds", min=0)] = None,
+       trust_domain: TrustDomainOpt = "example.org", key_type: KeyTypeOpt = "ec-p256", svid_ttl: SvidTtlOpt = "1h",
+       ca_ttl: CaTtlOpt = "720h", upstream_cert: UpstreamOpt = None, upstream_key: UpstreamKeyOpt = None,
+       upstream_bundle: UpstreamBundleOpt = None) -> None:
+    """Run the control plane on its embedded default: SQLite in the state directory, the engine and its scheduler,
+    the mesh CA, the node agent (SPIFFE Workload API) and NATS with mutual TLS."""
+    from actions.ca import CaSettings
     from meshctl.up import run
 
-    run(resolve(state_dir, db), tick_seconds=tick, run_for=run_for)
+    settings = CaSettings.from_flags(trust_domain=trust_domain, key_type=key_type, svid_ttl=svid_ttl, ca_ttl=ca_ttl,
+                                     upstream_cert=upstream_cert, upstream_key=upstream_key,
+                                     upstream_bundle=upstream_bundle)
+    run(resolve(state_dir, db), settings, tick_seconds=tick, run_for=run_for)
+
+
+@app.command()
+def apply(file: Annotated[str, typer.Option("--filename", "-f", help="a YAML or JSON file of manifests, or - "
+                                                                      "for standard input")],
+          db: DbOpt = None, state_dir: StateDirOpt = None) -> None:
+    """Create or update Services, Pods, Endpoints, MeshConfig and policies (TrafficSplit, TrafficTarget,
+    HTTPRouteGroup, TCPRoute, RateLimit, CircuitBreaker). All documents are checked first; one bad document rejects
+    them all, and what was stored before stays in force."""
+    import getpass
+
+    from actions.clock import SystemClock
+    from engine import world
+    from meshctl import manifests
+
+    _, docs = manifests.read(file)
+    store = open_store(resolve(state_dir, db))
+    result = world.apply(store, docs, actor=f"cli:{getpass.getuser()}", now=SystemClock().now())
+    for verb, names in (("created", result.created), ("configured", result.configured),
+                        ("unchanged", result.unchanged)):
+        for name in names:
+            typer.echo(f"{name} {verb}")
+
+
+@app.command()
+def get(kind: Annotated[str, typer.Argument(help="a kind by its lower-case name, e.g. service, trafficsplit")],
+        name: Annotated[str | None, typer.Argument(help="NAME or NAMESPACE/NAME")] = None,
+        namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="only this namespace")] = None,
+        db: DbOpt = None, state_dir: StateDirOpt = None,
+        out: Annotated[GetFormat, typer.Option("--output", "-o", help="table, json or yaml")] = GetFormat.table,
+        ) -> None:
+    """List stored resources of a kind, or show one."""
+    from meshctl import resources
+
+    store = open_store(resolve(state_dir, db))
+    resources.get(store, kind, name, namespace, str(out))
+
+
+@app.command()
+def delete(kind: Annotated[str, typer.Argument(help="a kind by its lower-case name, e.g. trafficsplit")],
+           name: Annotated[str, typer.Argument(help="NAME or NAMESPACE/NAME")],
+           namespace: Annotated[str | None, typer.Option("--namespace", "-n")] = None,
+           db: DbOpt = None, state_dir: StateDirOpt = None) -> None:
+    """Delete one resource. Refused if a stored policy still refers to it."""
+    import getpass
+
+    from actions.clock import SystemClock
+    from engine import world
+    from meshctl import resources
+
+    store = open_store(resolve(state_dir, db))
+    kind_name, ns, plain = resources.locate(kind, name, namespace)
+    try:
+        world.delete(store, kind_name, ns, plain, actor=f"cli:{getpass.getuser()}", now=SystemClock().now())
+    except LookupError as exc:
+        raise resources.NoSuchResource(str(exc)) from None
+    typer.echo(f"{kind_name}/{f'{ns}/' if ns else ''}{plain} deleted")
+
+
+@ca_app.command("status")
+def ca_status(db: DbOpt = None, state_dir: StateDirOpt = None, out: OutputOpt = Format.table) -> None:
+    """Each CA generation: where it is in its life (preparing, prepared, active, retiring, retired), root or
+    intermediate, subject and expiry."""
+    from actions.clock import SystemClock
+    from engine import views
+
+    paths = resolve(state_dir, db)
+    rows = views.ca_status(open_store(paths), paths.state_dir / "ca", SystemClock().now())
+    if out is Format.json:
+        output.print_json(views.as_dicts(rows))
+    else:
+        output.print_ca_status(rows)
+
+
+@ca_app.command("rotate")
+def ca_rotate(db: DbOpt = None, state_dir: StateDirOpt = None) -> None:
+    """Start a CA rotation: a new generation is prepared and joins the trust bundle, then signs; every leaf is
+    re-issued under it; the old generation leaves the bundle once none of its leaves is left. The running control
+    plane carries it out; follow it with 'meshctl ca status' and 'meshctl audit ca/N'."""
+    import getpass
+
+    from actions.clock import SystemClock
+    from engine import Engine, Policy, start_ca_rotation
+
+    store = open_store(resolve(state_dir, db))
+    engine = Engine(store, None, SystemClock(), policy=Policy(effect_lease=0), actor=f"cli:{getpass.getuser()}")
+    new, old = start_ca_rotation(engine)
+    typer.echo(f"ca/{new}: preparing; it replaces ca/{old}")
+
+
+@app.command("node-agent")
+def node_agent(socket_dir: Annotated[Path, typer.Option(help="where each workload's Workload API socket is made")],
+               feed_dir: Annotated[Path, typer.Option(help="where the control plane delivers SVIDs and bundles")],
+               run_for: Annotated[float | None, typer.Option("--for", help="stop after this many seconds",
+                                                             min=0)] = None) -> None:
+    """Run a node agent in its own process: a SPIFFE Workload API server with one socket per workload, fed from
+    the directory the control plane delivers into."""
+    from meshctl.agent import run
+
+    run(socket_dir, feed_dir, run_for)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         code = exit_code_for(exc)
         if code is None:
             raise
-        print(f"meshctl: {_one_line(str(exc))}", file=sys.stderr)
+        problems = getattr(exc, "problems", None)  # rejected manifests: every problem, a line each
+        for line in [str(p) for p in problems] if problems else [str(exc)]:
+            print(f"meshctl: {_one_line(line)}", file=sys.stderr)
         return code
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from actions.ca import CaConfigError
+from catalog import ValidationError
 from engine import EngineError, InvalidKey, UnknownEntity
 from machines import BadPayload, IllegalKind, IllegalTrigger
 from meshctl.context import UsageProblem
+from meshctl.resources import NoSuchResource
 from store import Conflict, DatabaseError
 
 USAGE = 2  # the command line itself is wrong
@@ -12,9 +15,13 @@ NOT_FOUND = 3  # the entity does not exist
 REFUSED = 4  # the lifecycle refuses the trigger in the entity's state
 DATABASE = 5  # the database cannot be used (unreachable, no schema, old schema)
 BUSY = 6  # another writer or another control plane is in the way
+INVALID = 7  # manifests rejected: nothing of them was stored
 
 _CODES: tuple[tuple[type[BaseException], int], ...] = (
     (UsageProblem, USAGE),
+    (CaConfigError, USAGE),
+    (ValidationError, INVALID),
+    (NoSuchResource, NOT_FOUND),
     (IllegalKind, USAGE),
     (InvalidKey, USAGE),
     (BadPayload, USAGE),

@@ -70,3 +70,24 @@ def print_audit(ref: str, rows: list[Any]) -> None:
         t.add_row(str(r.version), r.at, r.from_state or "-", r.to_state, r.trigger, r.actor, reason)
     console.print(f"[bold]{ref}[/bold]")
     console.print(t)
+
+
+def print_ca_status(rows: list[Any]) -> None:
+    if not rows:
+        console.print("no CA generation yet (start the control plane: meshctl up)")
+        return
+    t = _table("GENERATION", "STATE", "ROLE", "SIGNS", "KEY", "SUBJECT", "NOT AFTER", "TIME LEFT", "LIVE LEAVES")
+    for r in rows:
+        t.add_row(r.generation, r.state, r.role, "yes" if r.active else "-", r.key_type, r.subject,
+                  r.not_after or "-", duration(r.seconds_left), str(r.leaves))
+    console.print(t)
+
+
+def print_resources(kind: str, rows: list[dict[str, str]]) -> None:
+    if not rows:
+        console.print(f"no {kind} found")
+        return
+    t = _table(*(c.upper().replace("_", " ") for c in rows[0]))
+    for r in rows:
+        t.add_row(*r.values())
+    console.print(t)

@@ -1,7 +1,8 @@
 """`meshctl up`: the control plane on its embedded default, in the foreground until stopped.
 
-Until the single-host mesh lands (pods as network namespaces, HAProxy sidecars), the effects run through the
-behaving fakes in actions/: a CA that really signs in memory, and in-memory delivery and publishing.
+It runs the engine and its scheduler on SQLite in the state directory, the mesh CA (keys in `ca/`), the node agent
+(one Workload API socket per workload under `agent/`) and NATS with mutual TLS (`nats/`). Pods are not yet created
+by the mesh itself on one host (network namespaces and HAProxy sidecars arrive later): the platform is the fake.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from types import FrameType
 
 from rich.console import Console
 
-from actions import fake_actions
-from actions.clock import SystemClock
-from engine import Engine, Runner, ensure_ca
+from actions.ca import CaSettings
+from engine.plane import ControlPlane, PlaneConfig
 from meshctl.context import Paths
 from meshctl.errors import BUSY
 from store import Store, migrate
@@ -60,7 +60,7 @@ def _log_transitions() -> None:
     logging.getLogger("meshloom").setLevel(logging.INFO)
 
 
-def run(paths: Paths, *, tick_seconds: float, run_for: float | None) -> None:
+def run(paths: Paths, ca: CaSettings, *, tick_seconds: float, run_for: float | None) -> None:
     paths.ensure_state_dir()
     _log_transitions()
     try:
@@ -71,9 +71,7 @@ def run(paths: Paths, *, tick_seconds: float, run_for: float | None) -> None:
     try:
         before, after = migrate.upgrade(paths.url)
         store = Store(paths.url)
-        clock = SystemClock()
-        engine = Engine(store, fake_actions(clock), clock)
-        runner = Runner(engine, tick_seconds=tick_seconds)
+        plane = ControlPlane(store, PlaneConfig(paths.state_dir, ca, tick_seconds=tick_seconds))
         stop = threading.Event()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -84,15 +82,23 @@ def run(paths: Paths, *, tick_seconds: float, run_for: float | None) -> None:
         console.print(f"[bold]Meshloom control plane[/bold] (pid {os.getpid()})")
         console.print(f"  state dir  {paths.state_dir}")
         console.print(f"  database   {paths.shown} (schema {after}{'' if before == after else f', from {before}'})")
-        recovered = runner.start()
-        ensure_ca(engine)
-        console.print(f"  engine     ticking every {tick_seconds:g}s; recovered {recovered} pending effect(s)")
-        console.print(f"  entities   {_summary(store)}")
-        console.print("Ready. Stop with Ctrl-C. Inspect with 'meshctl state pods|certs|sidecars|cas' and "
-                      "'meshctl audit KIND/KEY'.")
-        stop.wait(run_for)
-        runner.stop()
-        console.print(f"Stopped. {engine.stats.transitions} transition(s) this run; {_summary(store)}.")
+        plane.start()
+        try:
+            active = plane.ca.active or "-"
+            console.print(f"  CA         trust domain {ca.trust_domain}, {ca.key_type} keys, generation {active} "
+                          f"signs; SVIDs live {ca.svid_ttl:g}s")
+            console.print(f"  node agent Workload API sockets under {plane.agent_dir}")
+            if plane.nats is not None:
+                console.print(f"  NATS       {plane.nats.url} (mutual TLS, pid {plane.nats.server.pid})")
+            console.print(f"  engine     ticking every {tick_seconds:g}s; recovered {plane.recovered} pending "
+                          f"effect(s)")
+            console.print(f"  entities   {_summary(store)}")
+            console.print("Ready. Stop with Ctrl-C. Inspect with 'meshctl state pods|certs|sidecars|cas', "
+                          "'meshctl ca status' and 'meshctl audit KIND/KEY'.")
+            stop.wait(run_for)
+        finally:
+            plane.stop()
+        console.print(f"Stopped. {plane.engine.stats.transitions} transition(s) this run; {_summary(store)}.")
         store.close()
     finally:
         os.close(lock)

@@ -7,8 +7,8 @@ import pytest
 from actions import fake_actions
 from actions.clock import FakeClock
 from engine import Engine, Policy
-from store import Store
 from tests.engine.support import Mesh
+from tests.support.documents import DocumentedStore
 
 # Four attempts (waits of 1, 2 and 4 s) keep the give-up tests short; the shape is the one Policy() has.
 POLICY = Policy(max_attempts=4)
@@ -18,7 +18,7 @@ POLICY = Policy(max_attempts=4)
 def mesh(sqlite_url: str) -> Iterator[Mesh]:
     clock = FakeClock()
     actions = fake_actions(clock)
-    store = Store(sqlite_url)
+    store = DocumentedStore(sqlite_url)
     # A jitter source of 0.5 is a draw of 0 in [-1, 1]: rotation at exactly half the lifetime.
     engine = Engine(store, actions, clock, policy=POLICY, jitter=lambda: 0.5)
     yield Mesh(engine, store, clock, actions)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from actions import Actions
-from actions.ca import FakeCertificateAuthority
+from actions.ca import FakeCertificateAuthority, der_certificates
 from actions.clock import FakeClock
 from actions.nats import FakeConfigPublisher
 from actions.nodeagent import FakeSvidDelivery
@@ -44,6 +44,12 @@ class Mesh:
     def platform(self) -> FakePodPlatform:
         assert isinstance(self.actions.platform, FakePodPlatform)
         return self.actions.platform
+
+    def bundle(self) -> tuple[str, ...]:
+        """The CA generations whose roots the node agent's trust bundle holds."""
+        held = set(self.delivery.bundle)
+        return tuple(sorted(c.key for c in self.store.list("ca")
+                            if der_certificates(self.ca.trust_anchors((c.key,)))[0] in held))
 
     def row(self, kind: str, key: str) -> Entity:
         entity = self.store.get(kind, key)

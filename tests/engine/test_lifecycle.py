@@ -64,7 +64,7 @@ def test_the_first_ca_generation_is_prepared_published_and_activated_at_bootstra
         ("active", "ca/1"),
         ("active", "effect:ActivateCa"),  # the CA signs with it
     ]
-    assert mesh.delivery.bundle == ("1",)
+    assert mesh.bundle() == ("1",)
 
 
 def test_a_pod_terminated_when_ready_releases_its_identity_and_is_gone(mesh: Mesh):

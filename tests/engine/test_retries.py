@@ -201,7 +201,7 @@ def test_a_ca_generation_that_could_not_be_made_is_made_again_on_its_own_after_i
     mesh.advance_to(retry_at)
     mesh.engine.tick()
     assert mesh.path("ca", "1") == ["preparing", "failed", "preparing", "prepared", "prepared", "active", "active"]
-    assert mesh.delivery.bundle == ("1",)
+    assert mesh.bundle() == ("1",)
 
 
 def test_a_reset_pod_whose_certificate_healed_while_it_was_failed_takes_that_certificate(mesh: Mesh):

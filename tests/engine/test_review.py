@@ -32,10 +32,10 @@ def test_a_new_generation_signs_nothing_until_the_bundle_with_it_is_published(me
     fail_once = [TemporaryError("node agents unreachable")]
     publish = mesh.delivery.publish_bundle
 
-    def flaky(generations: tuple[str, ...]) -> None:
+    def flaky(trust_domain: str, roots: tuple[bytes, ...]) -> None:
         if fail_once:
             raise fail_once.pop()
-        publish(generations)
+        publish(trust_domain, roots)
 
     mesh.delivery.publish_bundle = flaky  # type: ignore[method-assign]
     mesh.engine.fire("ca", "2", "prepare", {"previous": "1", "auto_activate": True}, actor="cli:operator")
@@ -45,7 +45,7 @@ def test_a_new_generation_signs_nothing_until_the_bundle_with_it_is_published(me
 
     mesh.advance_to(mesh.outbox("ca", "2")[0].run_at)
     mesh.engine.tick()
-    assert mesh.delivery.bundle == ("1", "2")
+    assert mesh.bundle() == ("1", "2")
     assert [j.reason for j in mesh.journal("ca", "2")][-3:] == ["bundled", "activated", "signing"]
     assert mesh.row("cert", f"{POD}/2").data["generation"] == "2"
 

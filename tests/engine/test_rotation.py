@@ -10,9 +10,9 @@ from actions import fake_actions
 from actions.clock import FakeClock
 from actions.errors import TemporaryError
 from engine import Engine
-from store import Store
 from tests.engine.conftest import POLICY
 from tests.engine.support import POD, Mesh
+from tests.support.documents import DocumentedStore
 
 CERT1, CERT2 = f"{POD}/1", f"{POD}/2"
 
@@ -22,7 +22,7 @@ def jittered(sqlite_url: str):
     """A mesh whose jitter source draws 0.75, i.e. +0.5 in [-1, 1]: rotation at 55% of the lifetime."""
     clock = FakeClock()
     actions = fake_actions(clock)
-    store = Store(sqlite_url)
+    store = DocumentedStore(sqlite_url)
     yield Mesh(Engine(store, actions, clock, policy=POLICY, jitter=lambda: 0.75), store, clock, actions)
     store.close()
 
@@ -99,13 +99,13 @@ def test_a_ca_rotation_keeps_both_generations_trusted_until_the_old_ones_leaves_
     mesh.ca_ready()
     mesh.ready_pod()
     assert mesh.row("cert", CERT1).data["generation"] == "1"
-    assert mesh.delivery.bundle == ("1",)
+    assert mesh.bundle() == ("1",)
 
     # Prepare: the new generation joins the bundle before it signs anything.
     e.fire("ca", "2", "prepare", {"previous": "1"}, actor="cli:operator")
     assert mesh.path("ca", "2") == ["preparing", "prepared", "prepared"]
     assert mesh.journal("ca", "2")[-1].reason == "bundled"
-    assert mesh.delivery.bundle == ("1", "2")
+    assert mesh.bundle() == ("1", "2")
     assert mesh.state("ca", "1") == "active"
 
     # Activate, with the node agent down so that the old leaf cannot be replaced yet.
@@ -126,7 +126,7 @@ def test_a_ca_rotation_keeps_both_generations_trusted_until_the_old_ones_leaves_
     mesh.engine.tick()
     assert mesh.state("ca", "1") == "retiring"
     assert mesh.journal("ca", "1")[-1].reason == "leaves-outstanding"
-    assert mesh.delivery.bundle == ("1", "2")
+    assert mesh.bundle() == ("1", "2")
 
     # The node agent is back: the new leaf is delivered, the old one superseded.
     mesh.delivery.down = False
@@ -139,7 +139,7 @@ def test_a_ca_rotation_keeps_both_generations_trusted_until_the_old_ones_leaves_
     mesh.advance_to(mesh.row("ca", "1").due_at)
     mesh.engine.tick()
     assert mesh.state("ca", "1") == "retired"
-    assert mesh.delivery.bundle == ("2",)
+    assert mesh.bundle() == ("2",)
     assert mesh.row("ca", "1").due_at is None
     assert mesh.path("ca", "1") == ["preparing", "prepared", "prepared", "active", "active", "retiring", "retiring",
                                     "retiring", "retiring", "retired"]
@@ -167,7 +167,7 @@ def test_a_ca_generation_whose_leaves_expire_unreplaced_retires_once_they_have(m
         mesh.engine.tick()
         if mesh.clock.now() < not_after:
             assert mesh.state("ca", "1") == "retiring"
-            assert mesh.delivery.bundle == ("1", "2")
+            assert mesh.bundle() == ("1", "2")
     assert mesh.state("cert", "svc/1") == "expired"
     assert mesh.journal("cert", "svc/1")[-1].reason == "expired-in-use"
     assert mesh.state("cert", "svc/2") in ("failed", "requested", "issued")  # still trying, never delivered
@@ -176,4 +176,4 @@ def test_a_ca_generation_whose_leaves_expire_unreplaced_retires_once_they_have(m
     assert mesh.clock.now() == not_after + timedelta(seconds=30)
     mesh.engine.tick()
     assert mesh.state("ca", "1") == "retired"
-    assert mesh.delivery.bundle == ("2",)
+    assert mesh.bundle() == ("2",)

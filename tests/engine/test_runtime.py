@@ -26,6 +26,7 @@ def test_the_runner_recovers_then_ticks_the_engine_on_its_schedule_and_stops_cle
         assert mesh.state("pod", POD) == "injected"  # recover() ran at start, before any tick
         assert runner.ticked.wait(timeout=WAIT)
         assert runner.ticks >= 1
+        assert runner.settle(timeout=WAIT)  # the tick hands its effects to the workers
         assert mesh.state("sidecar", POD) == "sent"
         assert mesh.journal("sidecar", POD)[1].actor == "scheduler"
         assert mesh.publisher.published == {POD: 1}

@@ -13,9 +13,9 @@ from actions import fake_actions
 from actions.clock import FakeClock
 from engine import Engine
 from engine.throttle import SigningSchedule
-from store import Store
 from tests.engine.conftest import POLICY
 from tests.engine.support import Mesh
+from tests.support.documents import DocumentedStore
 
 CERTS = 100
 CYCLES = 10
@@ -27,7 +27,7 @@ RATE, BURST = 2.0, 5  # 100 certificates due within a minute need 50 s at 2/s: t
 def mesh(sqlite_url: str) -> Iterator[Mesh]:
     clock = FakeClock()
     actions = fake_actions(clock)
-    store = Store(sqlite_url)
+    store = DocumentedStore(sqlite_url)
     draws = random.Random(7)
     engine = Engine(store, actions, clock, policy=POLICY, jitter=draws.random,
                     settings={"svid_ttl": TTL, "signing_rate": RATE, "signing_burst": BURST})

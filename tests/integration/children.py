@@ -18,7 +18,9 @@ class Child:
     """A Python script run with this interpreter; its stdout is read line by line, its stderr kept for messages."""
 
     def __init__(self, script: Path, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, str(script), *args], cwd=REPO, stdin=subprocess.PIPE,
+        # As a module of the repository, so that it imports tests.support as the tests do.
+        module = ".".join(script.resolve().relative_to(REPO).with_suffix("").parts)
+        self.proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._stderr: list[str] = []

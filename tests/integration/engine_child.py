@@ -30,7 +30,8 @@ from actions.ca import FakeCertificateAuthority, Issued
 from actions.clock import Clock, SystemClock
 from actions.platform import FakePodPlatform
 from engine import Engine
-from store import Entity, PendingEffect, Store
+from store import Entity, PendingEffect
+from tests.support.documents import DocumentedStore
 
 POD = "shop/web"
 
@@ -88,8 +89,9 @@ def main() -> None:
     ca = RecordingCa(clock, recorder)
     # The fake CA keeps its keys in memory, so each process makes its own (the real CA loads them from disk).
     ca.generate("1", timedelta(days=1).total_seconds())
-    actions = Actions(ca=ca, delivery=fakes.delivery, publisher=fakes.publisher, platform=RecordingPlatform(recorder))
-    store = Store(args.url)
+    actions = Actions(ca=ca, delivery=fakes.delivery, publisher=fakes.publisher,
+                      platform=RecordingPlatform(recorder), vault=fakes.vault)
+    store = DocumentedStore(args.url)
     engine = Engine(store, actions, clock, actor=f"child-{args.scenario}")
 
     if args.block_on_commit:

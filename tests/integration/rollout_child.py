@@ -16,13 +16,13 @@ import sys
 from actions import fake_actions
 from actions.clock import SystemClock
 from engine import Engine
-from store import Store
+from tests.support.documents import DocumentedStore
 
 
 def main() -> None:
     url, actor, rounds, keys = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
     clock = SystemClock()
-    store = Store(url)
+    store = DocumentedStore(url)
     engine = Engine(store, fake_actions(clock), clock, actor=actor)
     print("READY", flush=True)
     if sys.stdin.readline().strip() != "GO":

@@ -19,8 +19,9 @@ import pytest
 from actions import fake_actions
 from actions.clock import SystemClock
 from engine import Engine
-from store import Store, migrate
+from store import migrate
 from tests.integration.children import Child
+from tests.support.documents import DocumentedStore
 from tests.support.postgres import PostgresServer
 
 pytestmark = pytest.mark.integration
@@ -38,7 +39,7 @@ def test_two_engines_changing_the_same_sidecars_lose_nothing_and_journal_everyth
     url = postgres_server.create_database(f"meshloom_race_{uuid.uuid4().hex[:12]}")
     migrate.upgrade(url)
     clock = SystemClock()
-    store = Store(url)
+    store = DocumentedStore(url)
     try:
         engine = Engine(store, fake_actions(clock), clock, actor="test")
         for key in SIDECARS:

@@ -17,6 +17,7 @@ import pytest
 
 from store import Store
 from tests.integration.children import Child
+from tests.support.documents import DocumentedStore
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +81,7 @@ def test_a_killed_engine_leaves_its_work_to_the_next_one_which_finishes_it(
         child.expect("BLOCKED", timeout=KILL_TIMEOUT)
         child.kill()
 
-    store = Store(sqlite_url)
+    store = DocumentedStore(sqlite_url)
     try:
         pending = store.pending_effects()
         assert [p.effect for p in pending] == case.outbox_at_kill

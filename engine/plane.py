@@ -1,0 +1,158 @@
+"""The control plane of one host, composed: the engine and its scheduler, the mesh CA, the node agent, the SVID vault,
+NATS, and the world watcher. `meshctl up` runs one; tests and benchmarks build one on a temporary directory.
+
+Theory of operation
+-------------------
+Everything a restart needs is in the state directory: the database (machines, journal, world, documents), the CA's
+keys (`ca/`), the signed SVIDs not yet superseded (`svids/`), NATS's JetStream store (`nats/`). On start the engine
+first runs what the previous process left in the outbox, then the node agent is given again every serving SVID and
+the trust bundle (it keeps them in memory only), so workloads that kept running are served as before.
+
+The node agent reports the first time it served a certificate to its workload; that is the certificate's `activate`
+("picked up by the workload"). The world watcher reads the world's revision every `world_poll` seconds and, when it
+moved, recomputes the documents and tells the rollouts whose document changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from actions import Actions
+from actions.ca import CaSettings, MeshCa, der_certificates
+from actions.clock import Clock, SystemClock
+from actions.meshnats import MeshNats
+from actions.nats import ConfigPublisher, FakeConfigPublisher
+from actions.nodeagent import NodeAgent, SvidMaterial
+from actions.platform import FakePodPlatform, PodPlatform
+from actions.vault import FileVault
+from engine import world
+from engine.core import Engine
+from engine.executor import BUNDLED, SERVING
+from engine.runtime import Runner, ensure_ca
+from machines import BadPayload, IllegalTrigger
+from store import Store
+
+log = logging.getLogger("meshloom.plane")
+
+WORLD_POLL = 0.1  # seconds; reading one number, so a change of the world starts rolling out at once
+
+
+@dataclass
+class PlaneConfig:
+    state_dir: Path
+    ca: CaSettings = field(default_factory=CaSettings)
+    tick_seconds: float = 1.0
+    world_poll: float = WORLD_POLL
+    engine_settings: dict[str, Any] = field(default_factory=dict)
+
+
+class _Delivery:
+    """The node agent, and NATS told of every new trust bundle (it verifies sidecars' certificates with it)."""
+
+    def __init__(self, agent: NodeAgent) -> None:
+        self.agent = agent
+        self.nats: MeshNats | None = None
+
+    def deliver(self, owner: str, material: SvidMaterial) -> None:
+        self.agent.deliver(owner, material)
+
+    def withdraw(self, owner: str, cert: str) -> None:
+        self.agent.withdraw(owner, cert)
+
+    def publish_bundle(self, trust_domain: str, roots: tuple[bytes, ...]) -> None:
+        self.agent.publish_bundle(trust_domain, roots)
+        if self.nats is not None:
+            self.nats.trust(roots)
+
+
+class ControlPlane:
+    def __init__(self, store: Store, config: PlaneConfig, *, clock: Clock | None = None,
+                 platform: PodPlatform | None = None, nats: bool = True) -> None:
+        self.store, self.config = store, config
+        self.clock = clock or SystemClock()
+        state = config.state_dir
+        self.trust_domain = config.ca.trust_domain
+        self.ca = MeshCa(state / "ca", config.ca, self.clock)
+        self.agent_dir = state / "agent"
+        self.agent = NodeAgent(self.agent_dir, on_served=self._served)
+        self.vault = FileVault(state / "svids")
+        self.delivery = _Delivery(self.agent)
+        self.with_nats = nats
+        self.nats: MeshNats | None = None
+        self.publisher: ConfigPublisher = FakeConfigPublisher()
+        self.actions = Actions(self.ca, self.delivery, self.publisher, platform or FakePodPlatform(), self.vault)
+        settings = {"trust_domain": self.trust_domain, "svid_ttl": config.ca.svid_ttl, "ca_ttl": config.ca.ca_ttl,
+                    **config.engine_settings}
+        self.engine = Engine(store, self.actions, self.clock, settings=settings)
+        self.runner = Runner(self.engine, tick_seconds=config.tick_seconds)
+        self._world_revision = -1
+        self.recovered = 0
+
+    # ---- life --------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.agent.start()
+        ensure_ca(self.engine)
+        if self.with_nats:
+            self.nats = MeshNats(self.ca, self.trust_domain, self.config.state_dir / "nats", self.bundle(), self._acked)
+            self.delivery.nats = self.nats
+            self.publisher = self.nats
+            self.actions = Actions(self.ca, self.delivery, self.publisher, self.actions.platform, self.vault)
+            self.engine.actions = self.actions
+        self.recovered = self.runner.start()
+        self.redeliver()
+        self.sync_world()
+        self.runner.scheduler.add_job(self.sync_world, "interval", seconds=self.config.world_poll,
+                                      id="meshloom-world", max_instances=1, coalesce=True)
+
+    def stop(self) -> None:
+        self.runner.stop()
+        if self.nats is not None:
+            self.nats.close()
+        self.agent.stop()
+
+    # ---- what a restart needs ------------------------------------------------------------------------------------
+    def bundle(self) -> tuple[bytes, ...]:
+        """The roots of the trust bundle as the CA generations make it up now."""
+        gens = tuple(sorted(c.key for c in self.store.list("ca", states=BUNDLED)))
+        return der_certificates(self.ca.trust_anchors(gens)) if gens else ()
+
+    def redeliver(self) -> int:
+        """Give the node agent every serving SVID and the trust bundle again; returns how many SVIDs."""
+        roots = self.bundle()
+        if roots:
+            self.agent.publish_bundle(self.trust_domain, roots)
+        n = 0
+        for cert in self.store.list("cert", states=SERVING):
+            material = self.vault.get(cert.data["owner"], cert.key)
+            if material is not None:
+                self.agent.deliver(cert.data["owner"], material)
+                n += 1
+        return n
+
+    # ---- feedback --------------------------------------------------------------------------------------------------
+    def _served(self, owner: str, cert: str) -> None:
+        self._fire("cert", cert, "activate", {}, "node-agent")
+
+    def _acked(self, sidecar: str, generation: int) -> None:
+        self._fire("sidecar", sidecar, "ack", {"generation": generation}, f"sidecar:{sidecar}")
+
+    def _fire(self, kind: str, key: str, trigger: str, payload: dict[str, Any], actor: str) -> None:
+        try:
+            self.engine.fire(kind, key, trigger, payload, actor=actor)
+        except (IllegalTrigger, BadPayload) as exc:  # late or repeated news: the entity has moved on
+            log.info("%s/%s %s ignored: %s", kind, key, trigger, exc)
+        except Exception:
+            log.exception("%s/%s %s failed", kind, key, trigger)
+
+    def sync_world(self) -> None:
+        revision = self.store.world_revision()
+        if revision == self._world_revision:
+            return
+        synced = world.sync_documents(self.engine, self.trust_domain)
+        self._world_revision = synced.revision
+        if synced.changed or synced.removed:
+            log.info("world revision %d: %d document(s) changed, %d removed", synced.revision, len(synced.changed),
+                     len(synced.removed))

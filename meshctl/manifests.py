@@ -1,0 +1,42 @@
+"""Reading manifests for `meshctl apply`: multi-document YAML (or JSON) from a file or standard input."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from meshctl.context import UsageProblem
+
+
+def read(source: str) -> tuple[str, list[dict[str, Any]]]:
+    """`source` is a path or "-"; returns how to name it and its non-empty documents (a `List` is unrolled)."""
+    name = "<stdin>" if source == "-" else source
+    try:
+        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+    except OSError as exc:
+        raise UsageProblem(f"{name}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UsageProblem(f"{name}: not UTF-8 text") from None
+    try:
+        loaded = list(yaml.safe_load_all(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UsageProblem(f"{name}:{where}: not valid YAML: {problem}") from None
+    docs: list[dict[str, Any]] = []
+    for i, doc in enumerate(loaded, start=1):
+        if doc is None:
+            continue
+        if not isinstance(doc, dict):
+            raise UsageProblem(f"{name}: document {i}: a manifest must be a mapping, not {type(doc).__name__}")
+        if doc.get("kind") == "List" and isinstance(doc.get("items"), list):
+            docs.extend(item for item in doc["items"] if isinstance(item, dict))
+        else:
+            docs.append(doc)
+    if not docs:
+        raise UsageProblem(f"{name}: no manifests in it")
+    return name, docs

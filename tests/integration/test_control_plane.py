@@ -1,0 +1,145 @@
+"""The control plane of one host, for real: the engine on SQLite, the mesh CA, the node agent, NATS with mutual TLS,
+and sidecars using the sidecar library with SVIDs from the mesh CA. Loopback only."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actions.ca import pem
+from actions.clock import SystemClock
+from actions.meshnats import SERVER_NAME
+from actions.nats import inbox_prefix
+from engine import world
+from engine.plane import ControlPlane, PlaneConfig
+from sidecar.config import ConfigClient, tls_context
+from store import Store, migrate, sqlite_url
+from tests.catalog import topology
+
+pytestmark = pytest.mark.integration
+WAIT = 30.0  # how long something broken may take to be noticed; not how long anything should take
+WEB, DB = "shop/web-1", "shop/db-0"
+
+
+def eventually(what: Callable[[], bool], message: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not what():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def plane(tmp_path: Path) -> Iterator[ControlPlane]:
+    url = sqlite_url(tmp_path)
+    migrate.upgrade(url)
+    store = Store(url)
+    p = ControlPlane(store, PlaneConfig(tmp_path, tick_seconds=0.05, world_poll=0.05))
+    p.start()
+    yield p
+    p.stop()
+    store.close()
+
+
+class Sidecar:
+    """A sidecar's config client with an SVID from the mesh CA for its pod's identity."""
+
+    def __init__(self, plane: ControlPlane, key: str, folder: Path) -> None:
+        doc = plane.store.document(key)
+        assert doc is not None
+        self.spiffe_id = json.loads(doc.body)["spiffeId"]
+        issued = plane.ca.sign_svid(self.spiffe_id, (f"{key.replace('/', '.')}.pod",), 3600)
+        folder.mkdir(parents=True)
+        (folder / "svid.pem").write_bytes(pem([issued.certificate, *issued.chain]))
+        from cryptography.hazmat.primitives import serialization
+        (folder / "key.pem").write_bytes(issued.private_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        (folder / "bundle.pem").write_bytes(plane.nats.bundle.read_bytes())  # type: ignore[union-attr]
+        self.plane, self.key, self.folder = plane, key, folder
+        self.applied: list[tuple[dict[str, Any], dict[str, Any]]] = []
+        self.client: ConfigClient | None = None
+
+    def start(self) -> None:
+        ctx = tls_context(self.folder / "svid.pem", self.folder / "key.pem", self.folder / "bundle.pem")
+        assert self.plane.nats is not None
+        self.client = ConfigClient(self.plane.nats.url, self.key, ctx,
+                                   lambda doc, shards: self.applied.append((doc, shards)),
+                                   inbox_prefix(self.spiffe_id), tls_hostname=SERVER_NAME)
+        self.client.start()
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.stop()
+            self.client = None
+
+
+def status(plane: ControlPlane, key: str) -> tuple[str, int, int]:
+    row = plane.store.get("sidecar", key)
+    assert row is not None
+    return row.state, int(row.data["desired"]), int(row.data["acked"])
+
+
+def apply(plane: ControlPlane, manifests: list[dict[str, Any]]) -> None:
+    world.apply(plane.store, manifests, actor="test", now=SystemClock().now())
+
+
+def test_sidecars_get_their_documents_with_shards_over_mutual_tls_and_are_synced(plane, tmp_path):
+    apply(plane, topology.manifests())
+    eventually(lambda: plane.store.document(WEB) is not None, "the world was never rendered")
+    sidecars = {k: Sidecar(plane, k, tmp_path / k.replace("/", "_")) for k in (WEB, DB)}
+    for key, sidecar in sidecars.items():
+        plane.engine.fire("sidecar", key, "register", {"owner": key}, actor="test")
+        sidecar.start()
+    try:
+        for key, sidecar in sidecars.items():
+            eventually(lambda k=key: status(plane, k)[0] == "synced", f"{key} never synced")
+            doc, shards = sidecar.applied[-1]
+            assert doc["sidecar"] == key and doc["spiffeId"] == sidecar.spiffe_id
+            assert set(shards) == set(doc["outbound"]["shards"]) == {"shop", "pay", "legacy"}
+            assert "api" in shards["shop"]["services"]
+        assert [j.actor for j in plane.store.journal("sidecar", WEB)][-1] == f"sidecar:{WEB}"
+    finally:
+        for sidecar in sidecars.values():
+            sidecar.stop()
+
+
+def test_a_sidecar_offline_during_three_changes_gets_the_latest_when_it_reconnects_and_is_synced(plane, tmp_path):
+    manifests = topology.manifests()
+    apply(plane, manifests)
+    eventually(lambda: plane.store.document(DB) is not None, "the world was never rendered")
+    db = Sidecar(plane, DB, tmp_path / "db")
+    plane.engine.fire("sidecar", DB, "register", {"owner": DB}, actor="test")
+    db.start()
+    eventually(lambda: status(plane, DB)[0] == "synced", "db-0 never synced")
+    db.stop()
+    first = status(plane, DB)[1]
+
+    service = next(m for m in manifests if m["kind"] == "Service" and m["metadata"]["name"] == "db")
+    for port in (5433, 5434, 5435):  # three changes of db's own Service while it is away
+        changed = copy.deepcopy(service)
+        changed["spec"]["ports"][0]["port"] = port
+        apply(plane, [changed])
+        eventually(lambda p=port: f'"port":{p}' in plane.store.document(DB).body,  # type: ignore[union-attr]
+                   "db-0's document never changed")
+    eventually(lambda: status(plane, DB)[1] >= first + 1, "no new generation for db-0")
+    last = plane.store.document(DB)
+    eventually(lambda: (row := plane.store.get("sidecar", DB)) is not None and row.state in ("sent", "stale")
+               and row.data["sent"] == row.data["desired"] and plane.store.document(DB) == last,
+               "db-0's latest document was never published")
+
+    db.applied.clear()
+    db.start()
+    try:
+        eventually(lambda: status(plane, DB)[0] == "synced" and status(plane, DB)[2] == status(plane, DB)[1],
+                   "db-0 was not synced after it came back")
+        # It applied the latest document only, never a replay of the ones it missed.
+        assert db.applied and all([p["port"] for p in shards["shop"]["services"]["db"]["ports"]] == [5435]
+                                  for _, shards in db.applied)
+    finally:
+        db.stop()
+

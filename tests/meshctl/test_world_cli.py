@@ -1,0 +1,141 @@
+"""meshctl apply / get / delete, and the CA commands, as a user meets them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from actions import Actions
+from actions.ca import CaSettings, MeshCa
+from actions.clock import SystemClock
+from actions.nats import FakeConfigPublisher
+from actions.nodeagent import FakeSvidDelivery
+from actions.platform import FakePodPlatform
+from actions.vault import MemoryVault
+from engine import Engine, ensure_ca
+from store import Store, migrate, sqlite_url
+from tests.catalog import topology
+from tests.meshctl.test_cli import one_line, run
+
+
+@pytest.fixture(autouse=True)
+def default_state_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MESHLOOM_STATE_DIR", str(tmp_path / "default-state"))
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    state = tmp_path / "state"
+    state.mkdir()
+    migrate.upgrade(sqlite_url(state))
+    return state
+
+
+def write(tmp_path: Path, docs: list[dict], name: str = "mesh.yaml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    return str(path)
+
+
+def stored(state_dir: Path) -> list[tuple[str, str, str]]:
+    store = Store(sqlite_url(state_dir))
+    try:
+        return [r.ref for r in store.resources()]
+    finally:
+        store.close()
+
+
+def test_apply_stores_every_kind_and_a_second_apply_reports_them_unchanged(capsys, tmp_path, state_dir):
+    path = write(tmp_path, topology.manifests())
+    code, out, err = run(capsys, "apply", "-f", path, "--state-dir", str(state_dir))
+    assert code == 0, err
+    assert "trafficsplit/shop/api-canary created" in out and "meshconfig/mesh created" in out
+    count = len(stored(state_dir))
+    assert count == len(topology.manifests())
+    code, out, _ = run(capsys, "apply", "-f", path, "--state-dir", str(state_dir))
+    assert code == 0 and out.count(" unchanged") == count and "created" not in out
+
+
+def test_get_lists_a_kind_as_a_table_and_shows_one_as_json_or_yaml(capsys, tmp_path, state_dir):
+    run(capsys, "apply", "-f", write(tmp_path, topology.manifests()), "--state-dir", str(state_dir))
+    code, out, _ = run(capsys, "get", "trafficsplit", "--state-dir", str(state_dir))
+    assert code == 0 and "api-canary" in out
+    code, out, _ = run(capsys, "get", "trafficsplit", "shop/api-canary", "-o", "json", "--state-dir", str(state_dir))
+    doc = json.loads(out)
+    assert (doc["kind"], doc["metadata"]["name"]) == ("TrafficSplit", "api-canary")
+    code, out, _ = run(capsys, "get", "service", "api", "-n", "shop", "-o", "yaml", "--state-dir", str(state_dir))
+    assert yaml.safe_load(out)["metadata"] == {"name": "api", "namespace": "shop"}
+
+
+@pytest.mark.parametrize("broken, fragment", [
+    ({"apiVersion": "split.smi-spec.io/v9", "kind": "TrafficSplit", "metadata": {"name": "x", "namespace": "shop"},
+      "spec": {"service": "api", "backends": [{"service": "api-v1", "weight": 1}]}}, "apiVersion"),
+    ({"apiVersion": "specs.smi.nginx.com/v1alpha2", "kind": "RateLimit", "metadata": {"name": "r", "namespace": "shop"},
+      "spec": {"destination": {"kind": "Service", "name": "api", "namespace": "shop"}, "name": "r",
+               "rate": "ten per second"}}, "spec.rate"),
+    ({"apiVersion": "split.smi-spec.io/v1alpha3", "kind": "TrafficSplit",
+      "metadata": {"name": "neg", "namespace": "shop"},
+      "spec": {"service": "web", "backends": [{"service": "web", "weight": -5}]}}, "spec.backends[0].weight"),
+])
+def test_a_bad_document_rejects_the_whole_apply_and_what_was_stored_stays(capsys, tmp_path, state_dir, broken,
+                                                                          fragment):
+    run(capsys, "apply", "-f", write(tmp_path, topology.manifests()), "--state-dir", str(state_dir))
+    before = stored(state_dir)
+    good = topology.service("shop", "extra", {"app": "extra"}, [{"name": "http", "port": 80}])
+    code, out, err = run(capsys, "apply", "-f", write(tmp_path, [good, broken], "bad.yaml"),
+                         "--state-dir", str(state_dir))
+    assert code == 7 and out == ""
+    assert fragment in one_line(err)
+    assert stored(state_dir) == before
+
+
+def test_unreadable_yaml_names_the_file_and_line(capsys, tmp_path, state_dir):
+    path = tmp_path / "broken.yaml"
+    path.write_text("kind: Service\nmetadata: [unclosed\n")
+    code, _, err = run(capsys, "apply", "-f", str(path), "--state-dir", str(state_dir))
+    assert code == 2 and f"{path}: line" in one_line(err)
+
+
+def test_delete_removes_one_resource_and_refuses_one_a_policy_still_uses(capsys, tmp_path, state_dir):
+    run(capsys, "apply", "-f", write(tmp_path, topology.manifests()), "--state-dir", str(state_dir))
+    code, _, err = run(capsys, "delete", "httproutegroup", "shop/api-routes", "--state-dir", str(state_dir))
+    assert code == 7 and "api-routes" in err
+    assert ("httproutegroup", "shop", "api-routes") in stored(state_dir)
+    code, out, _ = run(capsys, "delete", "trafficsplit", "api-canary", "-n", "shop", "--state-dir", str(state_dir))
+    assert code == 0 and "deleted" in out
+    assert ("trafficsplit", "shop", "api-canary") not in stored(state_dir)
+    code, _, err = run(capsys, "delete", "trafficsplit", "shop/api-canary", "--state-dir", str(state_dir))
+    assert code == 3 and "no such resource" in one_line(err)
+    code, _, err = run(capsys, "get", "gadget", "--state-dir", str(state_dir))
+    assert code == 2 and "unknown kind 'gadget'" in one_line(err)
+
+
+def test_ca_rotate_starts_a_rotation_the_control_plane_carries_out_and_ca_status_shows_both(capsys, state_dir):
+    clock = SystemClock()
+    store = Store(sqlite_url(state_dir))
+    ca = MeshCa(state_dir / "ca", CaSettings(), clock)
+    engine = Engine(store, Actions(ca, FakeSvidDelivery(), FakeConfigPublisher(), FakePodPlatform(), MemoryVault()),
+                    clock)
+    ensure_ca(engine)
+    code, out, err = run(capsys, "ca", "rotate", "--state-dir", str(state_dir))
+    assert code == 0 and "ca/2: preparing" in out
+    code, _, err = run(capsys, "ca", "rotate", "--state-dir", str(state_dir))
+    assert code == 6 and "already under way" in one_line(err)
+    engine.tick()  # the control plane runs what the CLI committed
+    code, out, _ = run(capsys, "ca", "status", "-o", "json", "--state-dir", str(state_dir))
+    rows = {r["generation"]: r for r in json.loads(out)}
+    assert (rows["1"]["state"], rows["2"]["state"]) == ("retiring", "active")
+    assert rows["2"]["active"] and rows["1"]["role"] == "root"
+    code, out, _ = run(capsys, "ca", "status", "--state-dir", str(state_dir))
+    assert "retiring" in out and "GENERATION" in out
+    store.close()
+
+
+def test_a_bad_ca_flag_is_one_line_naming_it(capsys, state_dir):
+    code, _, err = run(capsys, "up", "--key-type", "ed448", "--state-dir", str(state_dir))
+    assert code == 2 and "--key-type" in one_line(err)
+    code, _, err = run(capsys, "up", "--svid-ttl", "30s", "--state-dir", str(state_dir))
+    assert code == 2 and "--svid-ttl" in one_line(err)
