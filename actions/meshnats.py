@@ -16,6 +16,7 @@ import os
 import ssl
 import threading
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -23,8 +24,8 @@ from cryptography.hazmat.primitives import serialization
 from actions.ca import CertificateAuthority, pem
 from actions.nats import NatsConfigPublisher, NatsServer, inbox_prefix
 
-# The server and the control plane's client certificate live as long as this; `meshctl up` starting again makes
-# new ones. (Rotating them while running is left to the certificate machine in a later change.)
+# The server's and the control plane's certificate (one SVID) lives this long and is renewed at half its life
+# (`renew_if_due`, from the control plane's scheduler), as workload SVIDs are.
 CONTROL_PLANE_TTL = 24 * 3600.0
 SERVER_NAME = "localhost"
 
@@ -49,24 +50,40 @@ class MeshNats:
     def __init__(self, ca: CertificateAuthority, trust_domain: str, workdir: Path, roots: tuple[bytes, ...],
                  on_ack: Callable[[str, int], None]) -> None:
         self.identity = control_plane_id(trust_domain)
+        self._ca = ca
+        self._lock = threading.Lock()
         tls = workdir / "tls"
         tls.mkdir(parents=True, exist_ok=True, mode=0o700)
-        issued = ca.sign_svid(self.identity, (SERVER_NAME,), CONTROL_PLANE_TTL)
         self.cert, self.key, self.bundle = tls / "control-plane.pem", tls / "control-plane.key", tls / "bundle.pem"
-        _write(self.cert, pem([issued.certificate, *issued.chain]))
-        _write(self.key, issued.private_key.private_bytes(serialization.Encoding.PEM,
-                                                          serialization.PrivateFormat.PKCS8,
-                                                          serialization.NoEncryption()))
+        self._issue()
         self._roots = roots
         _write(self.bundle, _pem_der(roots))
         self.server = NatsServer(workdir, cert=self.cert, key=self.key, ca=self.bundle, control_plane=self.identity)
         self.server.start()
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.bundle))
-        ctx.load_cert_chain(self.cert, self.key)
-        self.publisher = NatsConfigPublisher(self.server.url, ctx, on_ack, inbox=inbox_prefix(self.identity),
+        self._ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.bundle))
+        self._ctx.load_cert_chain(self.cert, self.key)
+        self.publisher = NatsConfigPublisher(self.server.url, self._ctx, on_ack, inbox=inbox_prefix(self.identity),
                                              tls_hostname=SERVER_NAME)
-        self._lock = threading.Lock()
         self._identities: dict[str, str] = {}
+
+    def _issue(self) -> None:
+        issued = self._ca.sign_svid(self.identity, (SERVER_NAME,), CONTROL_PLANE_TTL)
+        _write(self.cert, pem([issued.certificate, *issued.chain]))
+        _write(self.key, issued.private_key.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+        self.not_before, self.not_after = issued.not_before, issued.not_after
+
+    def renew_if_due(self, now: datetime) -> bool:
+        """Past half its life, the control plane's SVID is signed again: the server reloads it, and the publisher's
+        next connection presents it. True when it was renewed."""
+        with self._lock:
+            if now < self.not_before + (self.not_after - self.not_before) / 2:
+                return False
+            self._issue()
+            self._ctx.load_cert_chain(self.cert, self.key)
+            self.server.reload()
+            return True
 
     @property
     def url(self) -> str:
@@ -98,12 +115,17 @@ class MeshNats:
         self.publisher.delete_shard(namespace)
 
     def trust(self, roots: tuple[bytes, ...]) -> None:
-        """The mesh's trust bundle changed: the server trusts exactly these roots from now on."""
+        """The mesh's trust bundle changed (a CA rotation): the server trusts exactly these roots from now on, and
+        its certificate is signed again by the generation that signs now, so that sidecars which trust only the new
+        root still trust the server once the old one has left."""
         with self._lock:
             if roots == self._roots:
                 return
             self._roots = roots
             _write(self.bundle, _pem_der(roots))
+            self._issue()
+            self._ctx.load_cert_chain(self.cert, self.key)
+            self._ctx.load_verify_locations(cafile=str(self.bundle))
             self.server.reload()
 
     def close(self) -> None:

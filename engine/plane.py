@@ -16,6 +16,7 @@ moved, recomputes the documents and tells the rollouts whose document changed.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ from store import Store
 log = logging.getLogger("meshloom.plane")
 
 WORLD_POLL = 0.1  # seconds; reading one number, so a change of the world starts rolling out at once
+SERVED_RETRIES, SERVED_RETRY_AFTER = 50, 0.1  # up to 5 s for a delivery's outcome to be committed
+RENEW_CHECK = 600.0  # seconds between checks of the control plane's own NATS certificate (it lives 24 h)
 
 
 @dataclass
@@ -90,9 +93,11 @@ class ControlPlane:
         self.runner = Runner(self.engine, tick_seconds=config.tick_seconds)
         self._world_revision = -1
         self.recovered = 0
+        self._running = False
 
     # ---- life --------------------------------------------------------------------------------------------------
     def start(self) -> None:
+        self._running = True
         self.agent.start()
         ensure_ca(self.engine)
         if self.with_nats:
@@ -106,8 +111,15 @@ class ControlPlane:
         self.sync_world()
         self.runner.scheduler.add_job(self.sync_world, "interval", seconds=self.config.world_poll,
                                       id="meshloom-world", max_instances=1, coalesce=True)
+        if self.nats is not None:
+            self.runner.scheduler.add_job(self._renew_nats, "interval", seconds=RENEW_CHECK, id="meshloom-nats-tls",
+                                          max_instances=1, coalesce=True)
 
     def stop(self) -> None:
+        """Stop everything this plane started; stopping twice is harmless."""
+        if not self._running:
+            return
+        self._running = False
         self.runner.stop()
         if self.nats is not None:
             self.nats.close()
@@ -133,7 +145,15 @@ class ControlPlane:
         return n
 
     # ---- feedback --------------------------------------------------------------------------------------------------
-    def _served(self, owner: str, cert: str) -> None:
+    def _served(self, owner: str, cert: str, tries: int = 0) -> None:
+        # The agent may serve a certificate before the outcome of its delivery is committed (the push and the
+        # commit race): while the certificate still shows `issued`, the news is held back a little, not lost.
+        row = self.store.get("cert", cert)
+        if row is not None and row.state == "issued" and tries < SERVED_RETRIES and self._running:
+            timer = threading.Timer(SERVED_RETRY_AFTER, self._served, (owner, cert, tries + 1))
+            timer.daemon = True
+            timer.start()
+            return
         self._fire("cert", cert, "activate", {}, "node-agent")
 
     def _acked(self, sidecar: str, generation: int) -> None:
@@ -146,6 +166,13 @@ class ControlPlane:
             log.info("%s/%s %s ignored: %s", kind, key, trigger, exc)
         except Exception:
             log.exception("%s/%s %s failed", kind, key, trigger)
+
+    def _renew_nats(self) -> None:
+        try:
+            if self.nats is not None and self.nats.renew_if_due(self.clock.now()):
+                log.info("renewed the control plane's NATS certificate")
+        except Exception:  # tried again at the next check, long before the certificate ends
+            log.exception("renewing the control plane's NATS certificate failed")
 
     def sync_world(self) -> None:
         revision = self.store.world_revision()

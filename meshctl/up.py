@@ -18,7 +18,7 @@ from types import FrameType
 
 from rich.console import Console
 
-from actions.ca import CaSettings
+from actions.ca import CaSettings, format_duration
 from engine.plane import ControlPlane, PlaneConfig
 from meshctl.context import Paths
 from meshctl.errors import BUSY
@@ -81,12 +81,13 @@ def run(paths: Paths, ca: CaSettings, *, tick_seconds: float, run_for: float | N
         signal.signal(signal.SIGTERM, on_signal)
         console.print(f"[bold]Meshloom control plane[/bold] (pid {os.getpid()})")
         console.print(f"  state dir  {paths.state_dir}")
-        console.print(f"  database   {paths.shown} (schema {after}{'' if before == after else f', from {before}'})")
+        migrated = "" if before == after else f", from {before or 'empty'}"
+        console.print(f"  database   {paths.shown} (schema {after}{migrated})")
         plane.start()
         try:
             active = plane.ca.active or "-"
             console.print(f"  CA         trust domain {ca.trust_domain}, {ca.key_type} keys, generation {active} "
-                          f"signs; SVIDs live {ca.svid_ttl:g}s")
+                          f"signs; SVIDs live {format_duration(ca.svid_ttl)}")
             console.print(f"  node agent Workload API sockets under {plane.agent_dir}")
             if plane.nats is not None:
                 console.print(f"  NATS       {plane.nats.url} (mutual TLS, pid {plane.nats.server.pid})")
