@@ -609,11 +609,13 @@ class DirectoryDelivery:
         return self.directory / "workloads" / escape_owner(owner) / "svid.json"
 
 
-def follow_directory(agent: NodeAgent, directory: Path, stop: threading.Event, interval: float = 0.5) -> None:
+def follow_directory(agent: NodeAgent, directory: Path, stop: threading.Event, interval: float = 0.5, *,
+                     open_sockets: bool = False) -> None:
     """Applies a `DirectoryDelivery` directory to `agent` until `stop` is set: new and changed SVIDs are delivered,
     removed ones withdrawn, bundles published. It starts from nothing, so a restarted agent gets everything again.
-    Sockets stay the caller's business (`add_workload`): the files say nothing about a workload's uid."""
-    follower = _Follower(agent, Path(directory))
+    The files say nothing about a workload's uid: with `open_sockets`, each owner found gets its socket with no uid
+    (the pod mounting only its own socket's directory is then the fence); otherwise sockets are the caller's."""
+    follower = _Follower(agent, Path(directory), open_sockets)
     while True:
         follower.poll()
         if stop.wait(interval):
@@ -626,9 +628,10 @@ _Signature = tuple[int, int, int]
 
 
 class _Follower:
-    def __init__(self, agent: NodeAgent, directory: Path) -> None:
+    def __init__(self, agent: NodeAgent, directory: Path, open_sockets: bool = False) -> None:
         self.agent = agent
         self.directory = directory
+        self.open_sockets = open_sockets
         # file -> its signature when last read, and the (owner, cert) last applied from it, if any
         self.svids: dict[Path, tuple[_Signature, tuple[str, str] | None]] = {}
         self.bundle: _Signature | None = None
@@ -645,6 +648,8 @@ class _Follower:
             try:
                 owner, material = _read_svid(path)
                 self.agent.deliver(owner, material)
+                if self.open_sockets and owner not in self.agent.workloads():
+                    self.agent.add_workload(owner)
             except (OSError, ValueError, KeyError, TypeError, ActionError) as exc:
                 log.warning("skipped %s: %s", path, exc)
                 # Not read again until it changes; what was applied before stays, so its removal still withdraws it.

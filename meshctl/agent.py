@@ -25,7 +25,8 @@ def run(socket_dir: Path, feed_dir: Path, run_for: float | None) -> None:
     feed_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     with NodeAgent(socket_dir) as agent:
         console.print(f"node agent: sockets in {socket_dir}, fed from {feed_dir}")
-        follower = threading.Thread(target=follow_directory, args=(agent, feed_dir, stop), daemon=True)
+        follower = threading.Thread(target=follow_directory, args=(agent, feed_dir, stop),
+                                    kwargs={"open_sockets": True}, daemon=True)
         follower.start()
         stop.wait(run_for)
         stop.set()

@@ -139,3 +139,40 @@ def test_a_bad_ca_flag_is_one_line_naming_it(capsys, state_dir):
     assert code == 2 and "--key-type" in one_line(err)
     code, _, err = run(capsys, "up", "--svid-ttl", "30s", "--state-dir", str(state_dir))
     assert code == 2 and "--svid-ttl" in one_line(err)
+
+
+def test_node_agent_in_its_own_process_serves_what_the_control_plane_delivers_into_its_feed(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from spiffe import WorkloadApiClient
+
+    from actions.ca import der_certificates, svid_der
+    from actions.nodeagent import DirectoryDelivery, SvidMaterial, endpoint_socket, socket_path
+
+    clock = SystemClock()
+    ca = MeshCa(tmp_path / "ca", CaSettings(), clock)
+    ca.generate("1", 720 * 3600.0)
+    issued = ca.sign_svid("spiffe://example.org/ns/shop/sa/web", ("web.shop.svc",), 3600)
+    feed, sockets = tmp_path / "feed", tmp_path / "sockets"
+    delivery = DirectoryDelivery(feed)
+    delivery.publish_bundle("example.org", der_certificates(ca.trust_anchors(("1",))))
+    delivery.deliver("shop/web-1", SvidMaterial("shop/web-1/1", "spiffe://example.org/ns/shop/sa/web",
+                                                der_certificates((issued.certificate, *issued.chain)),
+                                                svid_der(issued)[1], issued.not_after))
+    meshctl = str(Path(sys.executable).with_name("meshctl"))
+    agent = subprocess.Popen([meshctl, "node-agent", "--socket-dir", str(sockets), "--feed-dir", str(feed),
+                              "--for", "60"], stderr=subprocess.PIPE)
+    try:
+        path = socket_path(sockets, "shop/web-1")
+        deadline = time.monotonic() + 30
+        while not path.exists():
+            assert agent.poll() is None and time.monotonic() < deadline, "the node agent never opened the socket"
+            time.sleep(0.05)
+        with WorkloadApiClient(endpoint_socket(path)) as client:
+            svid = client.fetch_x509_svid()
+        assert svid.leaf.serial_number == issued.certificate.serial_number
+    finally:
+        agent.terminate()
+        assert agent.wait(timeout=30) == 0
