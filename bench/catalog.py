@@ -45,7 +45,7 @@ import catalog
 T = TypeVar("T")
 TARGET_RENDER_S = 1.0  # for 1,000 Services and 10,000 pods
 TRUST_DOMAIN = "example.org"
-INJECT = {"injector.meshloom.io/auto-inject": "enabled"}
+INJECT = {"injector.nsm.nginx.com/auto-inject": "enabled"}
 
 
 @dataclass(frozen=True)

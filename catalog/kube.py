@@ -24,12 +24,13 @@ from catalog.resource import (
     read_transport,
 )
 
-# Pod annotations that override MeshConfig for one pod (as NGINX Service Mesh's config.nsm.nginx.com/... do).
-MTLS_MODE_ANNOTATION = "config.meshloom.io/mtls-mode"
-CLIENT_MAX_BODY_SIZE_ANNOTATION = "config.meshloom.io/client-max-body-size"
+# Pod annotations that override MeshConfig for one pod, and the injection label: NGINX Service Mesh's own names, so
+# manifests written for it mean the same here.
+MTLS_MODE_ANNOTATION = "config.nsm.nginx.com/mtls-mode"
+CLIENT_MAX_BODY_SIZE_ANNOTATION = "config.nsm.nginx.com/client-max-body-size"
 # Whether a pod has a sidecar: see `catalog.world.is_meshed`.
 INJECTED_ANNOTATION = "meshloom.io/injected"
-AUTO_INJECT_LABEL = "injector.meshloom.io/auto-inject"
+AUTO_INJECT_LABEL = "injector.nsm.nginx.com/auto-inject"
 
 
 def _unique_ports(r: Reader, path: str, ports: list[tuple[str, str, int, Transport]]) -> None:

@@ -259,7 +259,7 @@ def test_mesh_settings_reach_every_document_and_a_pod_annotation_overrides_them(
     web, db = docs["shop/web-1"], docs["shop/db-0"]
     assert (web["mtlsMode"], web["accessControlMode"], web["loadBalancingMethod"], web["enableUDP"]) == \
         ("strict", "deny", "least_conn", False)
-    assert db["mtlsMode"] == "permissive"  # config.meshloom.io/mtls-mode on the pod
+    assert db["mtlsMode"] == "permissive"  # config.nsm.nginx.com/mtls-mode on the pod
     assert docs["shop/fallback-1"]["spiffeId"] == "spiffe://example.org/ns/shop/sa/default"
 
 

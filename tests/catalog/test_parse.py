@@ -139,8 +139,8 @@ BAD = {
         _pod(status__podIP="here"), "Pod shop/web-1: status.podIP: must be an IPv4 or IPv6 address, got 'here'"),
     "a pod annotation with an unknown mTLS mode": (
         {**_pod(), "metadata": {"namespace": "shop", "name": "web-1",
-                                "annotations": {"config.meshloom.io/mtls-mode": "maybe"}}},
-        'Pod shop/web-1: metadata.annotations["config.meshloom.io/mtls-mode"]: must be one of off, permissive'),
+                                "annotations": {"config.nsm.nginx.com/mtls-mode": "maybe"}}},
+        'Pod shop/web-1: metadata.annotations["config.nsm.nginx.com/mtls-mode"]: must be one of off, permissive'),
     "a label value that is not a string": (
         {**_pod(), "metadata": {"namespace": "shop", "name": "web-1", "labels": {"version": 2}}},
         "Pod shop/web-1: metadata.labels.version: must be a string, got 2 (quote it in YAML)"),

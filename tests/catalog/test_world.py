@@ -157,11 +157,11 @@ def test_a_split_backend_without_the_root_port_is_worth_a_warning() -> None:
 MESHED = [
     # (pod annotations, pod labels, namespace labels) -> meshed
     ({"meshloom.io/injected": "true"}, {}, {}, True),
-    ({"meshloom.io/injected": "true"}, {"injector.meshloom.io/auto-inject": "disabled"}, {}, True),
-    ({}, {"injector.meshloom.io/auto-inject": "enabled"}, {}, True),
-    ({}, {"injector.meshloom.io/auto-inject": "disabled"}, {"injector.meshloom.io/auto-inject": "enabled"}, False),
-    ({}, {}, {"injector.meshloom.io/auto-inject": "enabled"}, True),
-    ({}, {}, {"injector.meshloom.io/auto-inject": "disabled"}, False),
+    ({"meshloom.io/injected": "true"}, {"injector.nsm.nginx.com/auto-inject": "disabled"}, {}, True),
+    ({}, {"injector.nsm.nginx.com/auto-inject": "enabled"}, {}, True),
+    ({}, {"injector.nsm.nginx.com/auto-inject": "disabled"}, {"injector.nsm.nginx.com/auto-inject": "enabled"}, False),
+    ({}, {}, {"injector.nsm.nginx.com/auto-inject": "enabled"}, True),
+    ({}, {}, {"injector.nsm.nginx.com/auto-inject": "disabled"}, False),
     ({}, {}, {}, False),
 ]
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-INJECT = {"injector.meshloom.io/auto-inject": "enabled"}
+INJECT = {"injector.nsm.nginx.com/auto-inject": "enabled"}
 
 
 def namespace(name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
@@ -89,7 +89,7 @@ def manifests() -> list[dict[str, Any]]:
             [{"name": "http", "containerPort": 8001}, {"name": "grpc", "containerPort": 9090}]),
         service("shop", "db", {"app": "db"}, [{"name": "tcp-pg", "port": 5432}], "10.96.0.14"),
         pod("shop", "db-0", {"app": "db"}, "db", "10.0.3.1", [{"name": "tcp-pg", "containerPort": 5432}],
-            annotations={"config.meshloom.io/mtls-mode": "permissive"}),
+            annotations={"config.nsm.nginx.com/mtls-mode": "permissive"}),
         {"apiVersion": "v1", "kind": "Endpoints", "metadata": {"namespace": "shop", "name": "db"},
          "subsets": [{"addresses": [{"ip": "10.0.3.1", "targetRef": {"kind": "Pod", "name": "db-0"}}],
                       "notReadyAddresses": [{"ip": "10.0.3.9"}],
@@ -97,7 +97,7 @@ def manifests() -> list[dict[str, Any]]:
         service("shop", "fallback", {"app": "fallback"}, [{"name": "http", "port": 80, "targetPort": 8080}],
                 "10.96.0.15"),
         pod("shop", "fallback-1", {"app": "fallback"}, "default", "10.0.4.1", HTTP_8080),
-        pod("shop", "debug", {"app": "debug", "injector.meshloom.io/auto-inject": "disabled"}, "default",
+        pod("shop", "debug", {"app": "debug", "injector.nsm.nginx.com/auto-inject": "disabled"}, "default",
             "10.0.9.9", []),
         # ---- pay
         service("pay", "payments", {"app": "payments"}, [{"name": "http", "port": 80, "targetPort": 8080}],
