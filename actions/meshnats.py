@@ -15,7 +15,7 @@ import json
 import os
 import ssl
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 
@@ -89,27 +89,38 @@ class MeshNats:
     def url(self) -> str:
         return self.server.url
 
-    def _permit(self, sidecar: str, identity: str | None) -> None:
+    def _permit(self, grants: dict[str, str | None]) -> None:
+        """Sidecars' identities (None: gone); one reload for all the changes, none when nothing changed."""
         with self._lock:
-            if self._identities.get(sidecar) == identity:
-                return
-            if identity is None:
-                self._identities.pop(sidecar, None)
-            else:
-                self._identities[sidecar] = identity
-            self.server.set_sidecars(self._identities)
+            changed = False
+            for sidecar, identity in grants.items():
+                if self._identities.get(sidecar) == identity:
+                    continue
+                changed = True
+                if identity is None:
+                    self._identities.pop(sidecar, None)
+                else:
+                    self._identities[sidecar] = identity
+            if changed:
+                self.server.set_sidecars(self._identities)
 
     def publish(self, sidecar: str, generation: int, document: bytes) -> None:
-        identity = json.loads(document).get("spiffeId")
-        self._permit(sidecar, str(identity) if identity else None)
-        self.publisher.publish(sidecar, generation, document)
+        self.publish_many([(sidecar, generation, document)])
+
+    def publish_many(self, items: Iterable[tuple[str, int, bytes]]) -> None:
+        batch = list(items)
+        self._permit({sidecar: _identity(document) for sidecar, _, document in batch})
+        self.publisher.publish_many(batch)
+
+    def has_shard(self, namespace: str, digest: str) -> bool:
+        return self.publisher.has_shard(namespace, digest)
 
     def publish_shard(self, namespace: str, body: bytes) -> None:
         self.publisher.publish_shard(namespace, body)
 
     def delete(self, sidecar: str) -> None:
         self.publisher.delete(sidecar)
-        self._permit(sidecar, None)
+        self._permit({sidecar: None})
 
     def delete_shard(self, namespace: str) -> None:
         self.publisher.delete_shard(namespace)
@@ -131,6 +142,11 @@ class MeshNats:
     def close(self) -> None:
         self.publisher.close()
         self.server.stop()
+
+
+def _identity(document: bytes) -> str | None:
+    value = json.loads(document).get("spiffeId")
+    return str(value) if value else None
 
 
 def _pem_der(roots: tuple[bytes, ...]) -> bytes:

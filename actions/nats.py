@@ -107,6 +107,12 @@ class ConfigPublisher(Protocol):
     def delete(self, sidecar: str) -> None:
         """Forget the sidecar's document (it left the mesh)."""
 
+    def has_shard(self, namespace: str, digest: str) -> bool:
+        """True when the shard with this digest (`sha256:<hex>` of its bytes) is known to be stored."""
+
+    def publish_many(self, items: Iterable[tuple[str, int, bytes]]) -> None:
+        """Several sidecars' documents at once; raises the first failure after all were tried."""
+
     def publish_shard(self, namespace: str, body: bytes) -> None:
         """Store `body` (the catalog's bytes of a namespace's outbound shard, a JSON object) as that shard."""
 
@@ -168,6 +174,15 @@ class FakeConfigPublisher:
         with self._lock:
             self.published.pop(sidecar, None)
             self.documents.pop(sidecar, None)
+
+    def publish_many(self, items: Iterable[tuple[str, int, bytes]]) -> None:
+        for sidecar, generation, document in items:
+            self.publish(sidecar, generation, document)
+
+    def has_shard(self, namespace: str, digest: str) -> bool:
+        with self._lock:
+            body = self.shards.get(namespace)
+        return body is not None and "sha256:" + hashlib.sha256(body).hexdigest() == digest
 
     def publish_shard(self, namespace: str, body: bytes) -> None:
         check_shard(namespace, body)
@@ -608,6 +623,10 @@ class NatsConfigPublisher:
 
     def delete(self, sidecar: str) -> None:
         self._call(self._delete(subject_token(sidecar)))
+
+    def has_shard(self, namespace: str, digest: str) -> bool:
+        """Whether this connection saw these bytes stored (see the class docstring): no need to read them again."""
+        return self._stored_shards.get(namespace) == digest.removeprefix("sha256:")
 
     def publish_shard(self, namespace: str, body: bytes) -> None:
         check_shard(namespace, body)

@@ -29,7 +29,7 @@ import logging
 import random
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
@@ -42,6 +42,7 @@ from engine.executor import Fail, Ok, Retry
 from engine.throttle import SigningSchedule
 from machines import BadPayload, Context, IllegalTrigger, Spec, spec_for
 from machines.base import effect_from_dict, effect_to_dict
+from machines.effects import PublishConfig
 from store import KEY_LENGTH, EffectGone, Entity, NewEffect, PendingEffect, StaleVersion, Store, Transition
 
 log = logging.getLogger("meshloom.engine")
@@ -149,8 +150,68 @@ class Engine:
             return committed if committed is not None else current
         raise Contention(kind, key, self.policy.conflict_retries)
 
-    def _step(self, spec: Spec, kind: str, key: str, current: Entity | None, trigger: str,
-              payload: Mapping[str, Any], actor: str | None, consumes: int | None) -> Entity | None:
+    def fire_many(self, kind: str, items: Sequence[tuple[str, Mapping[str, Any]]], trigger: str, *,
+                  actor: str | Callable[[str], str] | None = None) -> int:
+        """Fire one trigger on many existing entities of a kind (key, payload) and commit them together, in batches;
+        entities whose guard makes it a no-op, that do not exist, or whose trigger is illegal in their state are
+        skipped (as a late notification is). A batch that loses a race is fired again one by one. Effects are left
+        to this thread's work list, as with `fire(drain=False)`. Returns how many transitions were committed."""
+        return self._fire_batch(kind, [(key, payload, None) for key, payload in items], trigger, actor)
+
+    def _fire_batch(self, kind: str, items: Sequence[tuple[str, Mapping[str, Any], int | None]], trigger: str,
+                    actor: str | Callable[[str], str] | None) -> int:
+        """`fire_many`, where each item may be the outcome of an outbox row (`consumes`), deleted in the commit."""
+        spec = spec_for(kind)
+        done = 0
+        for i in range(0, len(items), self.policy.tick_batch):
+            batch = items[i:i + self.policy.tick_batch]
+            rows = self.store.get_many(kind, [key for key, _, _ in batch])
+            steps: list[Transition] = []
+            for key, payload, consumes in batch:
+                current = rows.get(key)
+                try:
+                    if current is None:
+                        raise UnknownEntity(kind, key)
+                    t = self._transition(spec, kind, key, current, trigger, payload, _actor(actor, key), consumes)
+                except (IllegalTrigger, BadPayload, UnknownEntity) as exc:
+                    log.info("%s/%s %s skipped: %s", kind, key, trigger, exc)
+                    t = None
+                if t is not None:
+                    steps.append(t)
+                elif consumes is not None:
+                    self.store.drop_effect(consumes)  # an outcome that changes nothing is done with
+            try:
+                committed = self.store.apply_all(steps)
+            except (StaleVersion, EffectGone):
+                self.stats.count("conflicts")
+                done += self._fire_each(kind, [(t.key, _payload_of(batch, t.key), t.consumes) for t in steps],
+                                        trigger, actor)
+                continue
+            for t, (entity, pending) in zip(steps, committed, strict=True):
+                self._committed(t, entity, pending, wake=False)
+            dues = [t.due_at for t in steps if t.due_at is not None]
+            if dues and self.on_due is not None:
+                self.on_due(min(dues))
+            done += len(committed)
+        return done
+
+    def _fire_each(self, kind: str, items: Sequence[tuple[str, Mapping[str, Any], int | None]], trigger: str,
+                   actor: str | Callable[[str], str] | None) -> int:
+        done = 0
+        for key, payload, consumes in items:
+            try:
+                if self.fire(kind, key, trigger, payload, actor=_actor(actor, key), drain=False,
+                             consumes=consumes) is not None:
+                    done += 1
+            except (IllegalTrigger, UnknownEntity, BadPayload, EffectGone) as exc:
+                log.info("%s/%s %s skipped: %s", kind, key, trigger, exc)
+                if consumes is not None and not isinstance(exc, EffectGone):
+                    self.store.drop_effect(consumes)
+        return done
+
+    def _transition(self, spec: Spec, kind: str, key: str, current: Entity | None, trigger: str,
+                    payload: Mapping[str, Any], actor: str | None, consumes: int | None) -> Transition | None:
+        """What the machine says `trigger` does to the entity, as a transition to commit (None: nothing)."""
         if current is None and trigger != spec.create:
             raise UnknownEntity(kind, key)
         now = self.clock.now()
@@ -160,11 +221,9 @@ class Engine:
                       due_at=current.due_at if current else None)
         step = spec.step(state, trigger, ctx)
         if step is None:
-            if consumes is not None:
-                self.store.drop_effect(consumes)
             return None
         lease = now + timedelta(seconds=self.policy.effect_lease)
-        transition = Transition(
+        return Transition(
             kind=kind, key=key, expected_version=current.version if current else 0,
             from_state=state.value if state is not None else None, to_state=step.dest.value, trigger=trigger,
             reason=str(step.reason), actor=actor or self.actor, at=now, data=step.data, due_at=step.due_at,
@@ -172,14 +231,26 @@ class Engine:
             effects=tuple(NewEffect(type(e).__name__, effect_to_dict(e), lease) for e in step.effects),
             consumes=consumes,
         )
+
+    def _step(self, spec: Spec, kind: str, key: str, current: Entity | None, trigger: str,
+              payload: Mapping[str, Any], actor: str | None, consumes: int | None) -> Entity | None:
+        transition = self._transition(spec, kind, key, current, trigger, payload, actor, consumes)
+        if transition is None:
+            if consumes is not None:
+                self.store.drop_effect(consumes)
+            return None
         entity, pending = self.store.apply(transition)
+        self._committed(transition, entity, pending)
+        return entity
+
+    def _committed(self, transition: Transition, entity: Entity, pending: list[PendingEffect], *,
+                   wake: bool = True) -> None:
         self._record(transition)
         if self.on_commit is not None:
             self.on_commit(entity, pending)
-        if step.due_at is not None and self.on_due is not None:
-            self.on_due(step.due_at)
+        if wake and transition.due_at is not None and self.on_due is not None:
+            self.on_due(transition.due_at)
         self._work().extend(pending)
-        return entity
 
     def _record(self, t: Transition) -> None:
         """Log the transition with the same fields the journal row has (the audit and the log say one thing)."""
@@ -271,13 +342,46 @@ class Engine:
         to `dispatch`. The tick itself only commits, so a burst of rotations does not make the tick late."""
         now = self.clock.now()
         due = self.store.due_entities(now, self.policy.tick_batch)
+        by_kind: dict[str, list[tuple[str, Mapping[str, Any]]]] = {}
         for entity in due:
-            self._isolated(entity.ref, self.fire, entity.kind, entity.key, "tick", actor="scheduler", drain=False)
+            by_kind.setdefault(entity.kind, []).append((entity.key, {}))
+        for kind, items in by_kind.items():  # one commit for all the entities of a kind that came due together
+            self._isolated(kind, self.fire_many, kind, items, "tick", actor="scheduler")
         effects = self.store.due_effects(now, self.policy.tick_batch)
         made = self.discard_work()
         seen = {p.id for p in made}
         self.dispatch(made + [p for p in effects if p.id not in seen])
         return TickReport(len(due), len(effects))
+
+    def run_publishes(self, pending: list[PendingEffect]) -> None:
+        """PublishConfig effects together: the documents read in one query, their shards first, one `publish_many`,
+        the outcomes committed in one transaction. Any trouble, and each effect is run on its own instead (the
+        effect's own retry and failure rules then apply)."""
+        effects: list[tuple[PendingEffect, PublishConfig]] = []
+        for p in pending:
+            eff = effect_from_dict(p.effect, p.payload) if p.effect == "PublishConfig" else None
+            if isinstance(eff, PublishConfig):
+                effects.append((p, eff))
+        docs = self.store.documents([e.sidecar for _, e in effects])
+        ready = [(p, e) for p, e in effects if e.sidecar in docs]
+        alone = [p for p in pending if p.id not in {q.id for q, _ in ready}]
+        if ready and self.actions is not None:
+            try:
+                executor.publish_shards(self, [docs[e.sidecar].body for _, e in ready])
+                self.actions.publisher.publish_many([(e.sidecar, e.generation, docs[e.sidecar].body.encode())
+                                                     for _, e in ready])
+            except Exception as exc:  # each runs alone, with the engine's retry and failure rules
+                log.info("publishing %d documents together failed (%s); one by one instead", len(ready), exc)
+                alone += [p for p, _ in ready]
+            else:
+                for _ in ready:
+                    self.stats.count("effects_run")
+                self._fire_batch("sidecar", [(e.sidecar, {"generation": e.generation}, p.id) for p, e in ready],
+                                 "published", "effect:PublishConfig")
+        elif ready:
+            alone += [p for p, _ in ready]
+        self.run_all(alone)
+        self.drain()
 
     def run_all(self, pending: list[PendingEffect]) -> None:
         """Run effects here and now, each isolated, with whatever their outcomes make (the default `dispatch`)."""
@@ -301,6 +405,14 @@ class Engine:
             work(*args, **kwargs)
         except Exception:  # each commit is atomic, so nothing is left half-done; the entity is due again later
             log.exception("%s: scheduled work failed; the next tick tries again", ref)
+
+
+def _actor(actor: str | Callable[[str], str] | None, key: str) -> str | None:
+    return actor(key) if callable(actor) else actor
+
+
+def _payload_of(items: Sequence[tuple[str, Mapping[str, Any], int | None]], key: str) -> Mapping[str, Any]:
+    return next(payload for k, payload, _ in items if k == key)
 
 
 def _detail(payload: Mapping[str, Any]) -> str | None:

@@ -157,12 +157,7 @@ def _publish_config(engine: Engine, e: PublishConfig, origin: str) -> Mapping[st
     doc = engine.store.document(e.sidecar)
     if doc is None:
         raise TemporaryError("no configuration document for this sidecar yet (is its pod in the world?)")
-    # The outbound shards it references go first, so a sidecar never reads a document whose shards are not there.
-    # (The publisher skips a shard it already stored with the same bytes.)
-    for namespace in _shards_of(doc.body):
-        shard = engine.store.document(shard_key(namespace))
-        if shard is not None:
-            actions.publisher.publish_shard(namespace, shard.body.encode())
+    publish_shards(engine, [doc.body])
     actions.publisher.publish(e.sidecar, e.generation, doc.body.encode())
     return {"generation": e.generation}
 
@@ -175,9 +170,25 @@ def shard_key(namespace: str) -> str:
     return f"{SHARD_KEY_PREFIX}{namespace}"
 
 
-def _shards_of(body: str) -> list[str]:
+def _shards_of(body: str) -> dict[str, str]:
     outbound = json.loads(body).get("outbound")
-    return sorted(outbound.get("shards", {})) if isinstance(outbound, dict) else []
+    shards = outbound.get("shards", {}) if isinstance(outbound, dict) else {}
+    return {str(ns): str(digest) for ns, digest in shards.items()}
+
+
+def publish_shards(engine: Engine, documents: list[str]) -> None:
+    """The outbound shards these documents name go first, so a sidecar never reads a document whose shards are
+    not there; a shard the publisher knows it stored with that digest is not even read."""
+    publisher = _actions(engine).publisher
+    wanted: dict[str, str] = {}
+    for body in documents:
+        wanted.update(_shards_of(body))
+    for namespace, digest in sorted(wanted.items()):
+        if publisher.has_shard(namespace, digest):
+            continue
+        shard = engine.store.document(shard_key(namespace))
+        if shard is not None:
+            publisher.publish_shard(namespace, shard.body.encode())
 
 
 # ---- steps on other entities (through the engine, so they are journaled like any other) ---------------------

@@ -16,6 +16,7 @@ moved, recomputes the documents and tells the rollouts whose document changed.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,8 @@ class ControlPlane:
         self._world_revision = -1
         self.recovered = 0
         self._running = False
+        self._acks: queue.SimpleQueue[tuple[str, int]] = queue.SimpleQueue()
+        self._ack_thread: threading.Thread | None = None
 
     # ---- life --------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -106,6 +109,8 @@ class ControlPlane:
             self.publisher = self.nats
             self.actions = Actions(self.ca, self.delivery, self.publisher, self.actions.platform, self.vault)
             self.engine.actions = self.actions
+        self._ack_thread = threading.Thread(target=self._commit_acks, name="meshloom-acks", daemon=True)
+        self._ack_thread.start()
         self.recovered = self.runner.start()
         self.redeliver()
         self.sync_world()
@@ -121,6 +126,8 @@ class ControlPlane:
             return
         self._running = False
         self.runner.stop()
+        if self._ack_thread is not None:
+            self._ack_thread.join(timeout=5)
         if self.nats is not None:
             self.nats.close()
         self.agent.stop()
@@ -157,7 +164,31 @@ class ControlPlane:
         self._fire("cert", cert, "activate", {}, "node-agent")
 
     def _acked(self, sidecar: str, generation: int) -> None:
-        self._fire("sidecar", sidecar, "ack", {"generation": generation}, f"sidecar:{sidecar}")
+        self._acks.put((sidecar, generation))
+
+    def _commit_acks(self) -> None:
+        """Acknowledgements arrive one by one; a thousand sidecars acknowledging one change are committed in a few
+        transactions, not a thousand."""
+        while self._running:
+            try:
+                first = self._acks.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            batch = [first]
+            while len(batch) < 1000:
+                try:
+                    batch.append(self._acks.get_nowait())
+                except queue.Empty:
+                    break
+            latest: dict[str, int] = {}
+            for sidecar, generation in batch:
+                latest[sidecar] = max(generation, latest.get(sidecar, 0))
+            try:
+                self.engine.fire_many("sidecar", [(k, {"generation": g}) for k, g in latest.items()], "ack",
+                                      actor=lambda key: f"sidecar:{key}")
+                self.engine.drain()
+            except Exception:
+                log.exception("committing %d acknowledgement(s) failed", len(latest))
 
     def _fire(self, kind: str, key: str, trigger: str, payload: dict[str, Any], actor: str) -> None:
         try:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
@@ -22,6 +23,7 @@ from store import PendingEffect
 log = logging.getLogger("meshloom.engine")
 JOB_ID = "meshloom-tick"
 DEFAULT_TICK_SECONDS = 1.0
+MIN_WAKE = 0.05  # seconds between the end of a tick and the next one, at the least
 DEFAULT_WORKERS = 2  # effects wait on I/O (the CA's disk, NATS, the node agent) more than on the CPU
 
 
@@ -34,24 +36,36 @@ class Runner:
         self.ticks = 0
         self.ticked = threading.Event()
         self._started = False
+        self._stopping = False
+        self._ticking = threading.Lock()
+        self.workers = workers
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="meshloom-effects")
         self._in_flight: set[int] = set()
         self._lock = threading.Condition()
 
     def _dispatch(self, pending: list[PendingEffect]) -> None:
-        for p in pending:
-            with self._lock:
-                if p.id in self._in_flight:
-                    continue
-                self._in_flight.add(p.id)
-            self._pool.submit(self._run, p)
+        with self._lock:
+            fresh = [p for p in pending if p.id not in self._in_flight]
+            self._in_flight.update(p.id for p in fresh)
+        # Publishes go together, a slice per worker: a change that reaches a thousand sidecars is a few
+        # `publish_many` calls and a few commits, not a thousand of each.
+        publishes = [p for p in fresh if p.effect == "PublishConfig"]
+        if len(publishes) > 1:
+            size = -(-len(publishes) // self.workers)
+            for i in range(0, len(publishes), size):
+                self._pool.submit(self._run, publishes[i:i + size], self.engine.run_publishes)
+            fresh = [p for p in fresh if p.effect != "PublishConfig"]
+        for p in fresh:
+            self._pool.submit(self._run, [p], self.engine.run_all)
 
-    def _run(self, p: PendingEffect) -> None:
+    def _run(self, batch: list[PendingEffect], run: Callable[[list[PendingEffect]], None]) -> None:
         try:
-            self.engine.run_all([p])
+            run(batch)
+        except Exception:
+            log.exception("running %d effect(s) failed; they are due again after their lease", len(batch))
         finally:
             with self._lock:
-                self._in_flight.discard(p.id)
+                self._in_flight.difference_update(p.id for p in batch)
                 self._lock.notify_all()
 
     def settle(self, timeout: float) -> bool:
@@ -60,14 +74,34 @@ class Runner:
             return self._lock.wait_for(lambda: not self._in_flight, timeout)
 
     def _tick(self) -> None:
+        with self._ticking:
+            if self._stopping:
+                return
+            self._tick_once()
+
+    def _tick_once(self) -> None:
         try:
             self.engine.tick()
         except Exception:  # the scheduler must survive a bad tick; the next one tries again
             log.exception("scheduler tick failed")
         self.ticks += 1
         self.ticked.set()
+        # What is due is in the store, so a wake-up lost while this tick ran (APScheduler skips a run that comes
+        # while the job is still running) is found again here: the next run is brought forward to it.
+        try:
+            due = self.engine.store.next_due()
+        except Exception:
+            log.exception("reading the next due time failed")
+            return
+        if due is not None:
+            # Never sooner than a moment from now (the scheduler's now: wall time): an entity whose tick changed
+            # nothing keeps its due time.
+            soonest = datetime.now(UTC) + timedelta(seconds=min(MIN_WAKE, self.tick_seconds))
+            self._wake(max(due, soonest))
 
     def _wake(self, at: datetime) -> None:
+        if self._stopping:  # the scheduler's shutdown holds the lock get_job needs
+            return
         job = self.scheduler.get_job(JOB_ID)
         if job is not None and job.next_run_time is not None and at < job.next_run_time:
             job.modify(next_run_time=at)
@@ -86,10 +120,16 @@ class Runner:
     def stop(self) -> None:
         if self._started:
             self.engine.on_due = None
-            self.scheduler.shutdown(wait=True)
+            self._stopping = True
+            # Not wait=True: APScheduler's shutdown holds its job-store lock while it waits for running jobs, and a
+            # running tick asks that lock for its next run time. The tick that runs is waited for here instead.
+            self.scheduler.shutdown(wait=False)
+            with self._ticking:
+                pass
             self._pool.shutdown(wait=True, cancel_futures=True)
             self.engine.dispatch = self.engine.run_all
             self._started = False
+            self._stopping = False
 
 
 class RotationUnderWay(EngineError):

@@ -120,10 +120,9 @@ def sync_documents(engine: Engine, trust_domain: str) -> Synced:
     removed = sorted(set(before) - set(docs))
     if changed or removed:
         store.put_documents(changed, removed, revision=revision, at=engine.clock.now())
-    for sidecar in sorted(k for k in changed if not k.startswith(SHARD_KEY_PREFIX)):
-        rollout = store.get("sidecar", sidecar)
-        if rollout is not None and rollout.state != "removed":
-            engine.fire("sidecar", sidecar, "change", {"revision": revision}, actor="catalog", drain=False)
+    sidecars = sorted(k for k in changed if not k.startswith(SHARD_KEY_PREFIX))
+    live = [k for k, row in store.get_many("sidecar", sidecars).items() if row.state != "removed"]
+    engine.fire_many("sidecar", [(k, {"revision": revision}) for k in sorted(live)], "change", actor="catalog")
     return Synced(revision, frozenset(changed), frozenset(removed))
 
 

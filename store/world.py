@@ -17,6 +17,8 @@ from sqlalchemy import Connection, and_, delete, func, insert, or_, select, upda
 from store.records import Document, Resource, WorldChange
 from store.schema import documents, resources, world_changes
 
+_SLICE = 200
+
 
 class WorldTables:
     """Mixed into `Store`: it provides the connections."""
@@ -53,11 +55,13 @@ class WorldTables:
             return [_resource(r) for r in conn.execute(query)]
 
     def resources_named(self, refs: Sequence[tuple[str, str, str]]) -> builtins.list[Resource]:
-        if not refs:
-            return []
-        query = select(resources).where(or_(*(and_(*_ref_is(ref)) for ref in refs)))
+        found: builtins.list[Resource] = []
         with self._connect(autocommit=True) as conn:
-            return [_resource(r) for r in conn.execute(query)]
+            # In slices: SQLite refuses an expression tree of about a thousand ORs.
+            for i in range(0, len(refs), _SLICE):
+                query = select(resources).where(or_(*(and_(*_ref_is(ref)) for ref in refs[i:i + _SLICE])))
+                found.extend(_resource(r) for r in conn.execute(query))
+        return found
 
     def world_revision(self) -> int:
         with self._connect(autocommit=True) as conn:
@@ -85,6 +89,14 @@ class WorldTables:
         with self._connect(autocommit=True) as conn:
             row = conn.execute(select(documents).where(documents.c.sidecar == sidecar)).first()
         return _document(row) if row is not None else None
+
+    def documents(self, sidecars: Sequence[str]) -> dict[str, Document]:
+        found: dict[str, Document] = {}
+        with self._connect(autocommit=True) as conn:
+            for i in range(0, len(sidecars), _SLICE):
+                query = select(documents).where(documents.c.sidecar.in_(list(sidecars[i:i + _SLICE])))
+                found.update((r.sidecar, _document(r)) for r in conn.execute(query))
+        return found
 
     def document_digests(self) -> dict[str, str]:
         with self._connect(autocommit=True) as conn:

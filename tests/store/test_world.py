@@ -60,3 +60,10 @@ def test_documents_are_stored_replaced_and_forgotten(store: Store) -> None:
     doc = store.document("ns/a")
     assert doc is not None and (doc.body, doc.revision) == ('{"x":1}', 2)
     assert store.document("ns/b") is None
+
+
+def test_thousands_of_resources_are_written_and_found_by_name_at_once(store: Store) -> None:
+    many = [svc(f"s{i}") for i in range(2500)]
+    store.change_world(many, [], actor="a", summary="s", at=T0)
+    found = store.resources_named([r.ref for r in many])
+    assert len(found) == 2500

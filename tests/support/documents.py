@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from store import Document, Store
@@ -17,3 +18,6 @@ class DocumentedStore(Store):
             return found
         body = json.dumps({"sidecar": sidecar}, sort_keys=True)
         return Document(sidecar, "test", body, 0, datetime(2026, 1, 1, tzinfo=UTC))
+
+    def documents(self, sidecars: Sequence[str]) -> dict[str, Document]:
+        return {key: doc for key in sidecars if (doc := self.document(key)) is not None}
