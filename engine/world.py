@@ -12,7 +12,6 @@ TrafficSplit gives every sidecar a new generation, which it acknowledges once it
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -124,10 +123,4 @@ def sync_documents(engine: Engine, trust_domain: str) -> Synced:
     live = [k for k, row in store.get_many("sidecar", sidecars).items() if row.state != "removed"]
     engine.fire_many("sidecar", [(k, {"revision": revision}) for k in sorted(live)], "change", actor="catalog")
     return Synced(revision, frozenset(changed), frozenset(removed))
-
-
-def document_identity(body: str) -> str | None:
-    """The SPIFFE ID a stored document is for (NATS permissions follow it)."""
-    value = json.loads(body).get("spiffeId")
-    return str(value) if value is not None else None
 
