@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import statistics
@@ -41,6 +40,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import catalog
+from bench.facts import write_results
 
 T = TypeVar("T")
 TARGET_RENDER_S = 1.0  # for 1,000 Services and 10,000 pods
@@ -267,12 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         "method": __doc__.split("What is measured", 1)[1].strip(),
         "results": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / ("catalog-quick.json" if args.quick else "catalog.json")
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-    print()
-    print(summary(doc))
-    print(f"written to {path}")
+    write_results(doc, args.out / ("catalog-quick.json" if args.quick else "catalog.json"), summary(doc))
     return 0
 
 

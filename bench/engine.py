@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import random
@@ -60,7 +59,7 @@ from typing import Any
 
 from actions import fake_actions
 from actions.clock import FakeClock
-from bench.facts import cpu_model, git_state, version
+from bench.facts import cpu_model, git_state, version, write_results
 from engine import Engine, ensure_ca
 from machines.base import Context
 from machines.certificate import CERT_SPEC, CertState
@@ -512,12 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         "method": __doc__.split("What is measured", 1)[1].strip(),
         "results": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / ("engine-quick.json" if args.quick else "engine.json")
-    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    print()
-    print(summary(doc))
-    print(f"written to {path}")
+    write_results(doc, args.out / ("engine-quick.json" if args.quick else "engine.json"), summary(doc))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import subprocess
 from importlib import metadata
@@ -34,3 +35,12 @@ def version(dist: str) -> str | None:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return None
+
+
+def write_results(doc: dict[str, Any], path: Path, summary: str) -> None:
+    """Write a benchmark's JSON and print its summary for people."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    print()
+    print(summary)
+    print(f"written to {path}")

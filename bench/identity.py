@@ -51,7 +51,7 @@ from cryptography.hazmat.backends.openssl import backend as openssl_backend
 from actions.ca import CaSettings, KeyType, MeshCa, new_key, svid_spiffe_id
 from actions.clock import SystemClock
 from bench.engine import figure, percentile
-from bench.facts import cpu_model, git_state, version
+from bench.facts import cpu_model, git_state, version, write_results
 
 TARGET_SIGNING = 1000.0  # ec-p256 SVIDs/s on one core, key generation included
 MAX_SIGNATURES = 200_000  # the loop's bound in count, whatever the time
@@ -305,11 +305,7 @@ def main(argv: list[str] | None = None) -> int:
         "method": __doc__.split("What is measured", 1)[1].strip().lstrip("-").strip(),
         "sections": {name: sections[name] for name in SECTIONS if name in sections},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    print()
-    print(summary(doc))
-    print(f"written to {path}")
+    write_results(doc, path, summary(doc))
     return 0
 
 

@@ -86,7 +86,7 @@ import catalog
 from actions.ca import pem
 from actions.meshnats import SERVER_NAME
 from actions.nats import NatsConfigPublisher, NatsServer, check_shard, inbox_prefix
-from bench.facts import cpu_model, git_state, version
+from bench.facts import cpu_model, git_state, version, write_results
 from engine import world
 from engine.executor import shard_key
 from engine.plane import ControlPlane, PlaneConfig
@@ -766,12 +766,7 @@ def main(argv: list[str] | None = None) -> int:
         "method": __doc__.split("What is measured", 1)[1].strip(),
         "measurements": measurements,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / ("propagation-quick.json" if args.quick else "propagation.json")
-    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    print()
-    print(summary(doc))
-    print(f"written to {path}")
+    write_results(doc, args.out / ("propagation-quick.json" if args.quick else "propagation.json"), summary(doc))
     return 0
 
 
