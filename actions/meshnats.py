@@ -55,7 +55,7 @@ class MeshNats:
         tls = workdir / "tls"
         tls.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.cert, self.key, self.bundle = tls / "control-plane.pem", tls / "control-plane.key", tls / "bundle.pem"
-        self._issue()
+        self.not_before, self.not_after = self._issue()
         self._roots = roots
         _write(self.bundle, _pem_der(roots))
         self.server = NatsServer(workdir, cert=self.cert, key=self.key, ca=self.bundle, control_plane=self.identity)
@@ -66,13 +66,13 @@ class MeshNats:
                                              tls_hostname=SERVER_NAME)
         self._identities: dict[str, str] = {}
 
-    def _issue(self) -> None:
+    def _issue(self) -> tuple[datetime, datetime]:
         issued = self._ca.sign_svid(self.identity, (SERVER_NAME,), CONTROL_PLANE_TTL)
         _write(self.cert, pem([issued.certificate, *issued.chain]))
         _write(self.key, issued.private_key.private_bytes(serialization.Encoding.PEM,
                                                           serialization.PrivateFormat.PKCS8,
                                                           serialization.NoEncryption()))
-        self.not_before, self.not_after = issued.not_before, issued.not_after
+        return issued.not_before, issued.not_after
 
     def renew_if_due(self, now: datetime) -> bool:
         """Past half its life, the control plane's SVID is signed again: the server reloads it, and the publisher's
@@ -80,9 +80,10 @@ class MeshNats:
         with self._lock:
             if now < self.not_before + (self.not_after - self.not_before) / 2:
                 return False
-            self._issue()
+            validity = self._issue()
             self._ctx.load_cert_chain(self.cert, self.key)
             self.server.reload()
+            self.not_before, self.not_after = validity  # only once in force: a failed reload is tried again
             return True
 
     @property
@@ -132,16 +133,20 @@ class MeshNats:
         with self._lock:
             if roots == self._roots:
                 return
-            self._roots = roots
             _write(self.bundle, _pem_der(roots))
-            self._issue()
+            validity = self._issue()
             self._ctx.load_cert_chain(self.cert, self.key)
             self._ctx.load_verify_locations(cafile=str(self.bundle))
             self.server.reload()
+            # Only once in force: a failed attempt leaves them unchanged, so the effect's retry tries again.
+            self._roots = roots
+            self.not_before, self.not_after = validity
 
     def close(self) -> None:
-        self.publisher.close()
-        self.server.stop()
+        try:
+            self.publisher.close()
+        finally:
+            self.server.stop()
 
 
 def _identity(document: bytes) -> str | None:

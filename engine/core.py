@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 
 from actions import Actions
 from actions.clock import Clock
+from actions.errors import TemporaryError
 from engine import executor
 from engine.errors import Contention, InvalidKey, UnknownEntity
 from engine.executor import Fail, Ok, Retry
@@ -166,8 +167,9 @@ class Engine:
         for i in range(0, len(items), self.policy.tick_batch):
             batch = items[i:i + self.policy.tick_batch]
             rows = self.store.get_many(kind, [key for key, _, _ in batch])
-            steps: list[Transition] = []
-            for key, payload, consumes in batch:
+            steps: list[tuple[tuple[str, Mapping[str, Any], int | None], Transition]] = []
+            for item in batch:
+                key, payload, consumes = item
                 current = rows.get(key)
                 try:
                     if current is None:
@@ -176,20 +178,28 @@ class Engine:
                 except (IllegalTrigger, BadPayload, UnknownEntity) as exc:
                     log.info("%s/%s %s skipped: %s", kind, key, trigger, exc)
                     t = None
+                except Exception:  # one entity's trouble (a row another version wrote) must not stop the others
+                    log.exception("%s/%s %s failed; it is left for a later try", kind, key, trigger)
+                    continue
                 if t is not None:
-                    steps.append(t)
+                    steps.append((item, t))
                 elif consumes is not None:
                     self.store.drop_effect(consumes)  # an outcome that changes nothing is done with
+            if not steps:
+                continue
+            steps.sort(key=lambda step: step[1].key)  # rows locked in one order by every batch: no deadlock
+            keys = [t.key for _, t in steps]
             try:
-                committed = self.store.apply_all(steps)
+                if len(set(keys)) != len(keys):  # two steps of one entity cannot share a commit
+                    raise StaleVersion(kind, keys[0], 0)
+                committed = self.store.apply_all([t for _, t in steps])
             except (StaleVersion, EffectGone):
                 self.stats.count("conflicts")
-                done += self._fire_each(kind, [(t.key, _payload_of(batch, t.key), t.consumes) for t in steps],
-                                        trigger, actor)
+                done += self._fire_each(kind, [item for item, _ in steps], trigger, actor)
                 continue
-            for t, (entity, pending) in zip(steps, committed, strict=True):
+            for (_, t), (entity, pending) in zip(steps, committed, strict=True):
                 self._committed(t, entity, pending, wake=False)
-            dues = [t.due_at for t in steps if t.due_at is not None]
+            dues = [t.due_at for _, t in steps if t.due_at is not None]
             if dues and self.on_due is not None:
                 self.on_due(min(dues))
             done += len(committed)
@@ -305,19 +315,9 @@ class Engine:
         outcome = executor.run(self, eff, f"{pending.kind}/{pending.key}")
         self.stats.count("effects_run")
         if isinstance(outcome, Retry):
-            attempt = pending.attempts + 1 if outcome.counted else pending.attempts
-            if attempt < self.policy.max_attempts or not outcome.counted:
-                delay = outcome.after if outcome.after is not None else backoff(attempt, self.policy)
-                run_at = self.clock.now() + timedelta(seconds=delay)
-                self.stats.count("retries" if outcome.counted else "deferrals")
-                try:
-                    self.store.postpone_effect(pending.id, attempt, run_at, outcome.reason)
-                except EffectGone:
-                    return
-                if self.on_due is not None:
-                    self.on_due(run_at)
+            if self._postpone(pending, outcome):
                 return
-            outcome = Fail(f"gave up after {attempt} attempts: {outcome.reason}")
+            outcome = Fail(f"gave up after {pending.attempts + 1} attempts: {outcome.reason}")
         if isinstance(outcome, Ok):
             trigger, payload = eff.on_ok, dict(outcome.payload)
         else:
@@ -335,6 +335,22 @@ class Engine:
         except (IllegalTrigger, UnknownEntity, BadPayload) as exc:
             log.info("outcome of %s for %s/%s dropped: %s", pending.effect, pending.kind, pending.key, exc)
             self.store.drop_effect(pending.id)
+
+    def _postpone(self, pending: PendingEffect, outcome: Retry) -> bool:
+        """Keep the effect for a later try; False when it has had its last attempt."""
+        attempt = pending.attempts + 1 if outcome.counted else pending.attempts
+        if attempt >= self.policy.max_attempts and outcome.counted:
+            return False
+        delay = outcome.after if outcome.after is not None else backoff(attempt, self.policy)
+        run_at = self.clock.now() + timedelta(seconds=delay)
+        self.stats.count("retries" if outcome.counted else "deferrals")
+        try:
+            self.store.postpone_effect(pending.id, attempt, run_at, outcome.reason)
+        except EffectGone:
+            return True
+        if self.on_due is not None:
+            self.on_due(run_at)
+        return True
 
     # ---- time ------------------------------------------------------------------------------------------------
     def tick(self) -> TickReport:
@@ -358,19 +374,29 @@ class Engine:
         the outcomes committed in one transaction. Any trouble, and each effect is run on its own instead (the
         effect's own retry and failure rules then apply)."""
         effects: list[tuple[PendingEffect, PublishConfig]] = []
+        alone: list[PendingEffect] = []
         for p in pending:
-            eff = effect_from_dict(p.effect, p.payload) if p.effect == "PublishConfig" else None
+            try:
+                eff = effect_from_dict(p.effect, p.payload)
+            except (ValueError, TypeError):
+                eff = None  # run_effect postpones an unreadable row
             if isinstance(eff, PublishConfig):
                 effects.append((p, eff))
+            else:
+                alone.append(p)
         docs = self.store.documents([e.sidecar for _, e in effects])
         ready = [(p, e) for p, e in effects if e.sidecar in docs]
-        alone = [p for p in pending if p.id not in {q.id for q, _ in ready}]
+        alone += [p for p, e in effects if e.sidecar not in docs]
         if ready and self.actions is not None:
             try:
                 executor.publish_shards(self, [docs[e.sidecar].body for _, e in ready])
                 self.actions.publisher.publish_many([(e.sidecar, e.generation, docs[e.sidecar].body.encode())
                                                      for _, e in ready])
-            except Exception as exc:  # each runs alone, with the engine's retry and failure rules
+            except TemporaryError as exc:
+                # NATS is away or slow: one by one would wait out a timeout each. The batch waits, as one effect.
+                log.info("publishing %d documents together failed (%s); all of them try again", len(ready), exc)
+                alone += [p for p, _ in ready if not self._postpone(p, Retry(exc.reason, exc.retry_after))]
+            except Exception as exc:  # find the document at fault: each runs alone, with the engine's own rules
                 log.info("publishing %d documents together failed (%s); one by one instead", len(ready), exc)
                 alone += [p for p, _ in ready]
             else:
@@ -409,10 +435,6 @@ class Engine:
 
 def _actor(actor: str | Callable[[str], str] | None, key: str) -> str | None:
     return actor(key) if callable(actor) else actor
-
-
-def _payload_of(items: Sequence[tuple[str, Mapping[str, Any], int | None]], key: str) -> Mapping[str, Any]:
-    return next(payload for k, payload, _ in items if k == key)
 
 
 def _detail(payload: Mapping[str, Any]) -> str | None:

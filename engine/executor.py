@@ -103,6 +103,9 @@ def _actions(engine: Engine) -> Actions:
 
 
 def _sign(engine: Engine, e: SignSvid, origin: str) -> Mapping[str, Any]:
+    cert = engine.store.get("cert", e.cert)
+    if cert is None or cert.state != "requested":  # revoked while it waited its turn: no key is made for nobody
+        raise PermanentError(f"no longer requested ({cert.state if cert else 'gone'})")
     schedule = engine.signing
     if schedule is not None:
         if e.rotation:

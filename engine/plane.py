@@ -111,8 +111,8 @@ class ControlPlane:
             self.engine.actions = self.actions
         self._ack_thread = threading.Thread(target=self._commit_acks, name="meshloom-acks", daemon=True)
         self._ack_thread.start()
+        self.redeliver()  # before the workers start: what they deliver next is newer, and must win
         self.recovered = self.runner.start()
-        self.redeliver()
         self.sync_world()
         self.runner.scheduler.add_job(self.sync_world, "interval", seconds=self.config.world_poll,
                                       id="meshloom-world", max_instances=1, coalesce=True)

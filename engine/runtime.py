@@ -100,7 +100,7 @@ class Runner:
             self._wake(max(due, soonest))
 
     def _wake(self, at: datetime) -> None:
-        if self._stopping:  # the scheduler's shutdown holds the lock get_job needs
+        if self._stopping:
             return
         job = self.scheduler.get_job(JOB_ID)
         if job is not None and job.next_run_time is not None and at < job.next_run_time:
@@ -127,6 +127,8 @@ class Runner:
             with self._ticking:
                 pass
             self._pool.shutdown(wait=True, cancel_futures=True)
+            with self._lock:
+                self._in_flight.clear()  # cancelled ones never ran their `finally`; their rows are in the outbox
             self.engine.dispatch = self.engine.run_all
             self._started = False
             self._stopping = False

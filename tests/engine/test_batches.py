@@ -69,3 +69,31 @@ def test_a_failed_batch_publish_falls_back_to_each_effects_own_retry(mesh: Mesh)
     mesh.clock.set(max(p.run_at for p in waiting))
     mesh.engine.tick()
     assert {k: mesh.state("sidecar", k) for k in SIDECARS} == dict.fromkeys(SIDECARS, "sent")
+
+
+def test_an_unreadable_row_in_a_publish_batch_waits_alone_and_the_others_are_published(mesh: Mesh) -> None:
+    from sqlalchemy import text
+
+    _registered(mesh)
+    mesh.clock.advance(0.2)
+    handed: list = []
+    mesh.engine.dispatch = handed.extend
+    mesh.engine.tick()
+    damaged = handed[0]
+    with mesh.store.engine.begin() as conn:
+        conn.execute(text("UPDATE outbox SET payload = :p WHERE id = :id"), {"p": '{"sidecar": 1}', "id": damaged.id})
+    mesh.engine.run_publishes(mesh.store.pending_effects())
+    assert [p.id for p in mesh.outbox()] == [damaged.id] and mesh.outbox()[0].attempts == 1
+    assert sorted(k for k in SIDECARS if mesh.state("sidecar", k) == "sent") == sorted(
+        k for k in SIDECARS if k != damaged.key)
+
+
+def test_an_entity_in_a_state_this_version_does_not_know_does_not_stop_the_others_tick(mesh: Mesh) -> None:
+    from sqlalchemy import text
+
+    _registered(mesh)
+    with mesh.store.engine.begin() as conn:
+        conn.execute(text("UPDATE entities SET state = 'from-the-future' WHERE key = :k"), {"k": SIDECARS[0]})
+    mesh.clock.advance(0.2)
+    mesh.engine.tick()
+    assert all(mesh.state("sidecar", k) == "sent" for k in SIDECARS[1:])

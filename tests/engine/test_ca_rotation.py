@@ -132,3 +132,15 @@ def test_a_signed_svid_lost_before_delivery_is_signed_again_after_the_retry_wait
     world.clock.advance(timedelta(minutes=2).total_seconds())
     world.engine.tick()
     assert world.store.get("cert", f"{WEB}/1").state == "delivered"  # type: ignore[union-attr]
+
+
+def test_a_certificate_revoked_while_its_signature_waited_is_never_signed_and_leaves_no_key(world: World) -> None:
+    ensure_ca(world.engine)
+    world.engine.fire("cert", f"{WEB}/1", "request",
+                      {"owner": WEB, "spiffe_id": "spiffe://example.org/ns/shop/sa/web", "dns_names": ["web.shop.svc"],
+                       "index": 1}, drain=False)
+    [sign] = world.engine.discard_work()
+    world.engine.fire("cert", f"{WEB}/1", "revoke", actor="platform")
+    world.engine.run_effect(sign)
+    assert world.store.get("cert", f"{WEB}/1").state == "revoked"  # type: ignore[union-attr]
+    assert list((world.tmp / "svids").rglob("*.json")) == [] and world.store.pending_effects() == []
