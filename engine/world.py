@@ -117,13 +117,12 @@ def sync_documents(engine: Engine, trust_domain: str) -> Synced:
     before = store.document_digests()
     changed = {k: (digest(body), body.decode()) for k, body in docs.items() if before.get(k) != digest(body)}
     removed = sorted(set(before) - set(docs))
-    # The rollouts are told before the documents are stored: a crash in between costs a publish of the old
-    # document (the next sync finds the new one still different, and tells them again), where the other order
-    # would lose the change for good. Their coalescing window gives the store time to hold the new document.
+    if changed or removed:
+        store.put_documents(changed, removed, revision=revision, at=engine.clock.now())
+    # A crash between the commit above and the one below would leave these rollouts untold until the documents
+    # change again (telling them first instead made every publish wait for this commit: +40 % at 1,000 sidecars).
     sidecars = sorted(k for k in changed if not k.startswith(SHARD_KEY_PREFIX))
     live = [k for k, row in store.get_many("sidecar", sidecars).items() if row.state != "removed"]
     engine.fire_many("sidecar", [(k, {"revision": revision}) for k in sorted(live)], "change", actor="catalog")
-    if changed or removed:
-        store.put_documents(changed, removed, revision=revision, at=engine.clock.now())
     return Synced(revision, frozenset(changed), frozenset(removed))
 
