@@ -60,10 +60,8 @@ class MeshNats:
         _write(self.bundle, _pem_der(roots))
         self.server = NatsServer(workdir, cert=self.cert, key=self.key, ca=self.bundle, control_plane=self.identity)
         self.server.start()
-        self._ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.bundle))
-        self._ctx.load_cert_chain(self.cert, self.key)
-        self.publisher = NatsConfigPublisher(self.server.url, self._ctx, on_ack, inbox=inbox_prefix(self.identity),
-                                             tls_hostname=SERVER_NAME)
+        self.publisher = NatsConfigPublisher(self.server.url, self._context(), on_ack,
+                                             inbox=inbox_prefix(self.identity), tls_hostname=SERVER_NAME)
         self._identities: dict[str, str] = {}
 
     def _issue(self) -> tuple[datetime, datetime]:
@@ -74,6 +72,13 @@ class MeshNats:
                                                           serialization.NoEncryption()))
         return issued.not_before, issued.not_after
 
+    def _context(self) -> ssl.SSLContext:
+        """The publisher's TLS: the control plane's SVID, and exactly the roots of the current bundle (a fresh
+        context each time: a context can only ever add trusted roots, never drop a retired one)."""
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(self.bundle))
+        ctx.load_cert_chain(self.cert, self.key)
+        return ctx
+
     def renew_if_due(self, now: datetime) -> bool:
         """Past half its life, the control plane's SVID is signed again: the server reloads it, and the publisher's
         next connection presents it. True when it was renewed."""
@@ -81,8 +86,8 @@ class MeshNats:
             if now < self.not_before + (self.not_after - self.not_before) / 2:
                 return False
             validity = self._issue()
-            self._ctx.load_cert_chain(self.cert, self.key)
             self.server.reload()
+            self.publisher.use_tls(self._context())
             self.not_before, self.not_after = validity  # only once in force: a failed reload is tried again
             return True
 
@@ -135,9 +140,8 @@ class MeshNats:
                 return
             _write(self.bundle, _pem_der(roots))
             validity = self._issue()
-            self._ctx.load_cert_chain(self.cert, self.key)
-            self._ctx.load_verify_locations(cafile=str(self.bundle))
             self.server.reload()
+            self.publisher.use_tls(self._context())
             # Only once in force: a failed attempt leaves them unchanged, so the effect's retry tries again.
             self._roots = roots
             self.not_before, self.not_after = validity

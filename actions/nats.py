@@ -624,6 +624,15 @@ class NatsConfigPublisher:
     def delete(self, sidecar: str) -> None:
         self._call(self._delete(subject_token(sidecar)))
 
+    @property
+    def ssl_context(self) -> ssl.SSLContext:
+        return self._ssl
+
+    def use_tls(self, ssl_context: ssl.SSLContext) -> None:
+        """Present and trust what this context holds from the next connection on (a renewed certificate, a trust
+        bundle without a retired root); the open connection keeps its session."""
+        self._ssl = ssl_context
+
     def has_shard(self, namespace: str, digest: str) -> bool:
         """Whether this connection saw these bytes stored (see the class docstring): no need to read them again."""
         return self._stored_shards.get(namespace) == digest.removeprefix("sha256:")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from actions.ca import pem
 from actions.clock import SystemClock
@@ -210,6 +211,11 @@ def test_after_a_ca_rotation_a_sidecar_with_a_new_generation_svid_still_gets_its
     # Its leaves were all replaced; its next check (a minute away) would say so: answer it now.
     plane.engine.fire("ca", "1", "checked", {"outstanding": 0}, actor="test")
     eventually(lambda: plane.store.get("ca", "1").state == "retired", "generation 1 never left the bundle")  # type: ignore[union-attr]
+
+    # The control plane's own NATS client trusts exactly the new root now, not a retired one as well.
+    assert plane.nats is not None
+    trusted = plane.nats.publisher.ssl_context.get_ca_certs(binary_form=True)
+    assert trusted == [plane.ca.trust_anchors(("2",))[0].public_bytes(Encoding.DER)]
 
     web = Sidecar(plane, WEB, tmp_path / "web")  # signed by generation 2, trusting only its root
     plane.engine.fire("sidecar", WEB, "register", {"owner": WEB}, actor="test")
