@@ -124,13 +124,14 @@ class ControlPlane:
         """Stop everything this plane started; stopping twice is harmless."""
         if not self._running:
             return
-        self._running = False
-        self.runner.stop()
+        self._running = False  # the ack thread and the "served" retries end on it
+        # The sources first (no more news comes in), then the engine (no more effects run), then what effects use.
         if self._ack_thread is not None:
             self._ack_thread.join(timeout=5)
+        self.agent.stop()
+        self.runner.stop()
         if self.nats is not None:
             self.nats.close()
-        self.agent.stop()
 
     # ---- what a restart needs ------------------------------------------------------------------------------------
     def bundle(self) -> tuple[bytes, ...]:
