@@ -190,8 +190,11 @@ class NodeAgent:
                 for workload in workloads:
                     _remove_socket(workload.path)
                 loop.call_soon_threadsafe(loop.stop)
-                thread.join()
-                loop.close()
+                thread.join(timeout=grace + _LOOP_TIMEOUT)
+                if thread.is_alive():  # a server that will not stop must not keep its process from ending
+                    log.warning("the node agent's event loop did not stop within %.0f s", grace + _LOOP_TIMEOUT)
+                else:
+                    loop.close()
                 self._loop = self._thread = self._hooks = None
                 hooks.shutdown(wait=True)
 

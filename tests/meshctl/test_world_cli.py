@@ -162,8 +162,9 @@ def test_node_agent_in_its_own_process_serves_what_the_control_plane_delivers_in
                                                 der_certificates((issued.certificate, *issued.chain)),
                                                 svid_der(issued)[1], issued.not_after))
     meshctl = str(Path(sys.executable).with_name("meshctl"))
+    log = (tmp_path / "agent.log").open("wb")  # a file, not a pipe nobody reads: a full pipe would block the agent
     agent = subprocess.Popen([meshctl, "node-agent", "--socket-dir", str(sockets), "--feed-dir", str(feed),
-                              "--for", "60"], stderr=subprocess.PIPE)
+                              "--for", "60"], stderr=log)
     try:
         path = socket_path(sockets, "shop/web-1")
         deadline = time.monotonic() + 30
@@ -175,4 +176,5 @@ def test_node_agent_in_its_own_process_serves_what_the_control_plane_delivers_in
         assert svid.leaf.serial_number == issued.certificate.serial_number
     finally:
         agent.terminate()
-        assert agent.wait(timeout=30) == 0
+        assert agent.wait(timeout=30) == 0, (tmp_path / "agent.log").read_text()
+        log.close()
