@@ -40,7 +40,6 @@ from store import Store
 log = logging.getLogger("meshloom.plane")
 
 WORLD_POLL = 0.1  # seconds; reading one number, so a change of the world starts rolling out at once
-SERVED_RETRIES, SERVED_RETRY_AFTER = 50, 0.1  # up to 5 s for a delivery's outcome to be committed
 RENEW_CHECK = 600.0  # seconds between checks of the control plane's own NATS certificate (it lives 24 h)
 
 
@@ -124,7 +123,7 @@ class ControlPlane:
         """Stop everything this plane started; stopping twice is harmless."""
         if not self._running:
             return
-        self._running = False  # the ack thread and the "served" retries end on it
+        self._running = False  # the ack thread ends on it
         # The sources first (no more news comes in), then the engine (no more effects run), then what effects use.
         if self._ack_thread is not None:
             self._ack_thread.join(timeout=5)
@@ -153,15 +152,7 @@ class ControlPlane:
         return n
 
     # ---- feedback --------------------------------------------------------------------------------------------------
-    def _served(self, owner: str, cert: str, tries: int = 0) -> None:
-        # The agent may serve a certificate before the outcome of its delivery is committed (the push and the
-        # commit race): while the certificate still shows `issued`, the news is held back a little, not lost.
-        row = self.store.get("cert", cert)
-        if row is not None and row.state == "issued" and tries < SERVED_RETRIES and self._running:
-            timer = threading.Timer(SERVED_RETRY_AFTER, self._served, (owner, cert, tries + 1))
-            timer.daemon = True
-            timer.start()
-            return
+    def _served(self, owner: str, cert: str) -> None:
         self._fire("cert", cert, "activate", {}, "node-agent")
 
     def _acked(self, sidecar: str, generation: int) -> None:

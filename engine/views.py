@@ -8,6 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from actions.ca import read_status
 from engine.executor import OUTSTANDING
 from machines import spec_for
 from machines.base import parse_time
@@ -145,8 +146,6 @@ class CaStatusView:
 
 def ca_status(store: Store, ca_dir: Path, now: datetime) -> list[CaStatusView]:
     """The CA machine's generations joined with what the CA's directory holds for each."""
-    from actions.ca import read_status
-
     on_disk = {g.generation: g for g in read_status(ca_dir)}
     live = Counter(c.data.get("generation") for c in store.list("cert", states=OUTSTANDING))
     rows = []

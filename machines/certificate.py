@@ -72,6 +72,7 @@ class CertReason(enum.StrEnum):
     ISSUED = "issued"
     DELIVERED = "delivered"
     ACTIVATED = "activated"
+    PICKED_UP_EARLY = "picked-up-before-delivery"
     HALF_LIFE = "half-life-reached"
     ROTATION_FORCED = "rotation-forced"
     SUPERSEDED = "superseded"
@@ -87,6 +88,7 @@ CERT_REASONS: dict[str, str] = {
     CertReason.ISSUED: "signed by the mesh CA",
     CertReason.DELIVERED: "handed to the node agent",
     CertReason.ACTIVATED: "picked up by the workload",
+    CertReason.PICKED_UP_EARLY: "the workload picked it up before its delivery was recorded; active once it is",
     CertReason.HALF_LIFE: "half its lifetime (with jitter) has passed: a successor is requested",
     CertReason.ROTATION_FORCED: "rotation asked for (CA rotation or operator)",
     CertReason.SUPERSEDED: "its successor was delivered",
@@ -178,6 +180,12 @@ R = CertReason
 CERT_RULES: tuple[Rule, ...] = (
     Rule("request", (), C.requested, R.REQUESTED, update=_request, effects=_sign),
     Rule("issued", (C.requested,), C.issued, R.ISSUED, update=_issued, effects=_on_issued, due=_at_expiry),
+    # The node agent may tell that the workload picked the SVID up before the delivery's own outcome is committed
+    # (the push and the commit race): the news is kept, and the delivery then makes it active at once.
+    Rule("activate", (C.issued,), C.issued, R.PICKED_UP_EARLY, update=lambda ctx: {"picked_up": True},
+         due=_at_expiry),
+    Rule("delivered", (C.issued,), C.active, R.ACTIVATED, guard=lambda ctx: bool(ctx.data.get("picked_up")),
+         effects=_on_delivered, due=_at_rotation),
     Rule("delivered", (C.issued,), C.delivered, R.DELIVERED, effects=_on_delivered, due=_at_rotation),
     Rule("activate", (C.delivered,), C.active, R.ACTIVATED, due=_at_rotation),
     # Expiry is listed before rotation: a certificate past not-after must not ask for a successor as if all was well.

@@ -90,7 +90,13 @@ TABLE: dict[tuple[S, str], tuple[Case, ...]] = {
     (S.requested, "revoke"): (Case("always", REVOKE),),
     (S.requested, "fail"): fail_cases(),
 
+    (S.issued, "activate"): (
+        Case("before its delivery is recorded: kept for it", Moves(S.issued, R.PICKED_UP_EARLY, due=NOT_AFTER,
+                                                                    data={"picked_up": True})),
+    ),
     (S.issued, "delivered"): (
+        Case("already picked up: active at once", Moves(S.active, R.ACTIVATED, due=ROTATE_AT),
+             data={"picked_up": True}),
         Case("as a first certificate", Moves(S.delivered, R.DELIVERED, due=ROTATE_AT)),
         Case("as a successor, which supersedes its predecessor",
              Moves(S.delivered, R.DELIVERED, due=ROTATE_AT, effects=(Fire("cert", f"{OWNER}/0", "superseded"),)),
