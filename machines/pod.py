@@ -118,7 +118,10 @@ def _admit(ctx: Context) -> dict[str, object]:
 
 
 def _request_identity(ctx: Context) -> tuple[Effect, ...]:
-    dns = [f"{ctx.data['name']}.{ctx.data['namespace']}.pod"]
+    # The pod's own name first (it becomes the CN), then its service account's: HAProxy 2.8 cannot match a URI SAN,
+    # so a client sidecar pins the server's identity with `verifyhost <sa>.<ns>.sa`.
+    ns = ctx.data["namespace"]
+    dns = [f"{ctx.data['name']}.{ns}.pod", f"{ctx.data['service_account']}.{ns}.sa"]
     return (RequestIdentity(ctx.key, spiffe_id(ctx), tuple(dns)),)
 
 
