@@ -21,3 +21,15 @@ class TemporaryError(ActionError):
 
 class PermanentError(ActionError):
     """Trying again cannot help (a malformed request, a refused identity)."""
+
+
+class HostUnsupported(PermanentError):
+    """This host cannot do what was asked (network namespaces, iptables): one line saying what is missing."""
+
+
+class MissingTool(HostUnsupported):
+    """A system tool (ip, iptables-restore, setpriv) is not installed."""
+
+
+class MissingPrivilege(HostUnsupported):
+    """The process lacks a privilege (root, CAP_NET_ADMIN, CAP_SYS_ADMIN) the operation needs."""

@@ -2,8 +2,10 @@
 follow the sidecars.
 
 The control plane has its own SVID (`spiffe://<trust-domain>/ns/meshloom/sa/control-plane`, DNS SAN `localhost`,
-which clients verify the server by), used both as the server's certificate and as the publisher's client
-certificate; its user may do everything. Each sidecar's permissions are added when its first document is published
+which clients verify the server by, plus the names it is reached by elsewhere: on Kubernetes the sidecars dial the
+Service `meshloom-nats.<namespace>.svc` and verify that name), used both as the server's certificate and as the
+publisher's client certificate; its user may do everything. The publisher itself always dials the server on
+loopback and verifies `localhost`. Each sidecar's permissions are added when its first document is published
 (the document names its SPIFFE ID) and removed when its rollout is removed; the server reloads with SIGHUP, without a
 restart. When the trust bundle changes (a CA rotation), the server's CA file is rewritten and reloaded the same way,
 so sidecars holding leaves of either generation are accepted during the overlap.
@@ -48,8 +50,11 @@ class MeshNats:
     """A `ConfigPublisher` over the mesh's own NATS server."""
 
     def __init__(self, ca: CertificateAuthority, trust_domain: str, workdir: Path, roots: tuple[bytes, ...],
-                 on_ack: Callable[[str, int], None]) -> None:
+                 on_ack: Callable[[str, int], None], *, host: str = "127.0.0.1", port: int = 0,
+                 server_names: tuple[str, ...] = ()) -> None:
         self.identity = control_plane_id(trust_domain)
+        # `localhost` first (it becomes the CN; the publisher verifies it), then the names sidecars dial.
+        self.server_names = (SERVER_NAME, *(n for n in dict.fromkeys(server_names) if n != SERVER_NAME))
         self._ca = ca
         self._lock = threading.Lock()
         tls = workdir / "tls"
@@ -58,14 +63,15 @@ class MeshNats:
         self.not_before, self.not_after = self._issue()
         self._roots = roots
         _write(self.bundle, _pem_der(roots))
-        self.server = NatsServer(workdir, cert=self.cert, key=self.key, ca=self.bundle, control_plane=self.identity)
+        self.server = NatsServer(workdir, cert=self.cert, key=self.key, ca=self.bundle, control_plane=self.identity,
+                                 host=host, port=port)
         self.server.start()
         self.publisher = NatsConfigPublisher(self.server.url, self._context(), on_ack,
                                              inbox=inbox_prefix(self.identity), tls_hostname=SERVER_NAME)
         self._identities: dict[str, str] = {}
 
     def _issue(self) -> tuple[datetime, datetime]:
-        issued = self._ca.sign_svid(self.identity, (SERVER_NAME,), CONTROL_PLANE_TTL)
+        issued = self._ca.sign_svid(self.identity, self.server_names, CONTROL_PLANE_TTL)
         _write(self.cert, pem([issued.certificate, *issued.chain]))
         _write(self.key, issued.private_key.private_bytes(serialization.Encoding.PEM,
                                                           serialization.PrivateFormat.PKCS8,
@@ -117,6 +123,12 @@ class MeshNats:
         batch = list(items)
         self._permit({sidecar: _identity(document) for sidecar, _, document in batch})
         self.publisher.publish_many(batch)
+
+    def restore(self, documents: Iterable[tuple[str, bytes]]) -> None:
+        """Grant again, in one reload, the permissions of sidecars whose documents an earlier server published (this
+        process restarted, or another replica led before): the server starts knowing only the control plane, and
+        these sidecars must not be locked out until their next change."""
+        self._permit({sidecar: _identity(document) for sidecar, document in documents})
 
     def has_shard(self, namespace: str, digest: str) -> bool:
         return self.publisher.has_shard(namespace, digest)

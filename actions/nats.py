@@ -240,18 +240,19 @@ def _q(value: str | Path) -> str:
 
 
 def render_config(*, port: int, monitor_port: int, workdir: Path, cert: Path, key: Path, ca: Path,
-                  users: Mapping[str, Permissions], max_payload: int) -> str:
+                  users: Mapping[str, Permissions], max_payload: int, host: str = "127.0.0.1") -> str:
     """The whole config file. Port 0 is written as -1: the server picks a free port and reports it in its ports
-    file; -1 stays in every rewrite, since a reload refuses a changed port."""
-    def listen(p: int) -> str:
-        return _q(f"127.0.0.1:{p or -1}")
+    file; -1 stays in every rewrite, since a reload refuses a changed port. Clients are listened for on `host`
+    (pods in network namespaces reach the host through a bridge address); the monitoring port stays on loopback."""
+    def listen(p: int, on: str = "127.0.0.1") -> str:
+        return _q(f"{on}:{p or -1}")
 
     def subjects(values: tuple[str, ...]) -> str:
         return "[" + ", ".join(_q(v) for v in values) + "]"
 
     lines = [
         "# Generated: rewritten on every change of the sidecars' permissions, then reloaded (SIGHUP).",
-        f"listen: {listen(port)}",
+        f"listen: {listen(port, host)}",
         f"http: {listen(monitor_port)}",
         f"ports_file_dir: {_q(workdir)}",
         f"pid_file: {_q(Path(workdir) / PID_FILE)}",
@@ -308,15 +309,18 @@ def _alive(pid: int) -> bool:
 class NatsServer:
     """A nats-server child process with TLS client certificates mapped to per-identity permissions.
 
-    `workdir` holds the config (0600), the ports file, the log and the JetStream store. Loopback only.
+    `workdir` holds the config (0600), the ports file, the log and the JetStream store. Clients are listened for
+    on `host`, loopback by default; the monitoring port is on loopback only.
     """
 
     CONFIG = "nats-server.conf"
     LOG = "nats-server.log"
 
     def __init__(self, workdir: Path, *, cert: Path, key: Path, ca: Path, control_plane: str, port: int = 0,
-                 monitor_port: int = 0, binary: str | None = None, max_payload: int = 4 * 1024 * 1024) -> None:
+                 monitor_port: int = 0, binary: str | None = None, max_payload: int = 4 * 1024 * 1024,
+                 host: str = "127.0.0.1") -> None:
         self.workdir = Path(workdir)
+        self.host = host
         self.cert, self.key, self.ca = Path(cert), Path(key), Path(ca)
         self.control_plane = _check_spiffe_id(control_plane)
         self.port, self.monitor_port = port, monitor_port
@@ -334,7 +338,9 @@ class NatsServer:
     @property
     def url(self) -> str:
         self._require_running()
-        return f"tls://127.0.0.1:{self._client_port}"
+        # A server on every address is dialled on loopback; the certificate names `localhost` whatever the address.
+        dial = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"tls://{dial}:{self._client_port}"
 
     @property
     def monitor_url(self) -> str:
@@ -468,7 +474,8 @@ class NatsServer:
 
     def _write_config(self) -> None:
         text = render_config(port=self.port, monitor_port=self.monitor_port, workdir=self.workdir, cert=self.cert,
-                             key=self.key, ca=self.ca, users=self._users, max_payload=self.max_payload)
+                             key=self.key, ca=self.ca, users=self._users, max_payload=self.max_payload,
+                             host=self.host)
         data = text.encode()
         tmp = self.workdir / f".{self.CONFIG}.tmp"
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:

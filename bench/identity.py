@@ -34,10 +34,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import platform
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -51,7 +48,7 @@ from cryptography.hazmat.backends.openssl import backend as openssl_backend
 from actions.ca import CaSettings, KeyType, MeshCa, new_key, svid_spiffe_id
 from actions.clock import SystemClock
 from bench.engine import figure, percentile
-from bench.facts import cpu_model, git_state, version, write_results
+from bench.facts import machine, section_main, version
 
 TARGET_SIGNING = 1000.0  # ec-p256 SVIDs/s on one core, key generation included
 MAX_SIGNATURES = 200_000  # the loop's bound in count, whatever the time
@@ -64,17 +61,7 @@ DNS_NAMES = ("web.bench.pod",)
 
 
 def machine_facts() -> dict[str, Any]:
-    return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cores": os.cpu_count(),
-        "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()],
-        "cpu": cpu_model(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "cryptography": version("cryptography"),
-        "openssl": openssl_backend.openssl_version_text(),
-        "git": git_state(),
-    }
+    return machine(cryptography=version("cryptography"), openssl=openssl_backend.openssl_version_text())
 
 
 @contextmanager
@@ -281,32 +268,13 @@ def summary(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def targets() -> dict[str, Any]:
+    return {"signing_ec_p256": figure(TARGET_SIGNING, "SVIDs/s") | {"on": "one core, one thread"}}
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.identity", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a short run; writes identity-quick.json")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON results")
-    parser.add_argument("--section", action="append", choices=list(SECTIONS),
-                        help="run only this section (repeatable); the file keeps the others' last results")
-    args = parser.parse_args(argv)
-    chosen = args.section or list(SECTIONS)
-
-    path = args.out / ("identity-quick.json" if args.quick else "identity.json")
-    sections: dict[str, Any] = {}
-    if args.section and path.exists():
-        sections = dict(json.loads(path.read_text()).get("sections", {}))
-    for name in chosen:
-        sections[name] = SECTIONS[name](args)
-
-    doc = {
-        "benchmark": "identity",
-        "mode": "quick" if args.quick else "full",
-        "machine": machine_facts(),
-        "targets": {"signing_ec_p256": figure(TARGET_SIGNING, "SVIDs/s") | {"on": "one core, one thread"}},
-        "method": __doc__.split("What is measured", 1)[1].strip().lstrip("-").strip(),
-        "sections": {name: sections[name] for name in SECTIONS if name in sections},
-    }
-    write_results(doc, path, summary(doc))
-    return 0
+    return section_main(argv, name="identity", doc=__doc__, sections=SECTIONS, facts=machine_facts,
+                        targets=targets(), summary=summary)
 
 
 if __name__ == "__main__":

@@ -67,18 +67,14 @@ import hashlib
 import json
 import logging
 import multiprocessing
-import os
-import platform
 import queue
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +82,7 @@ import catalog
 from actions.ca import pem
 from actions.meshnats import SERVER_NAME
 from actions.nats import NatsConfigPublisher, NatsServer, check_shard, inbox_prefix
-from bench.facts import cpu_model, git_state, version, write_results
+from bench.facts import machine, version, write_results
 from engine import world
 from engine.executor import shard_key
 from engine.plane import ControlPlane, PlaneConfig
@@ -679,17 +675,7 @@ def _nats_server_version(server_binary: str) -> str | None:
 def machine_facts() -> dict[str, Any]:
     from actions.nats import find_binary
 
-    return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cores": os.cpu_count(),
-        "load_average_1_5_15min_at_end": [round(x, 2) for x in os.getloadavg()],
-        "cpu": cpu_model(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "nats_server": _nats_server_version(find_binary()),
-        "nats_py": version("nats-py"),
-        "git": git_state(),
-    }
+    return machine(nats_server=_nats_server_version(find_binary()), nats_py=version("nats-py"))
 
 
 def _p99(p99: dict[str, Any]) -> str:

@@ -6,7 +6,8 @@ Theory of operation
 Everything a restart needs is in the state directory: the database (machines, journal, world, documents), the CA's
 keys (`ca/`), the signed SVIDs not yet superseded (`svids/`), NATS's JetStream store (`nats/`). On start the engine
 first runs what the previous process left in the outbox, then the node agent is given again every serving SVID and
-the trust bundle (it keeps them in memory only), so workloads that kept running are served as before.
+the trust bundle (it keeps them in memory only), and the new NATS server every published sidecar's identity (its
+permissions are otherwise granted at a publish), so workloads that kept running are served as before.
 
 The node agent reports the first time it served a certificate to its workload; that is the certificate's `activate`
 ("picked up by the workload"). The world watcher reads the world's revision every `world_poll` seconds and, when it
@@ -25,6 +26,7 @@ from typing import Any
 from actions import Actions
 from actions.ca import CaSettings, MeshCa, der_certificates
 from actions.clock import Clock, SystemClock
+from actions.errors import ActionError
 from actions.meshnats import MeshNats
 from actions.nats import ConfigPublisher, FakeConfigPublisher
 from actions.nodeagent import NodeAgent, SvidMaterial
@@ -50,6 +52,9 @@ class PlaneConfig:
     tick_seconds: float = 1.0
     world_poll: float = WORLD_POLL
     engine_settings: dict[str, Any] = field(default_factory=dict)
+    nats_host: str = "127.0.0.1"  # where NATS listens for sidecars: a bridge address when pods are namespaces
+    nats_port: int = 0  # 0: any free port (one host); Kubernetes: 4222, behind the Service sidecars dial
+    nats_names: tuple[str, ...] = ()  # DNS names the server's certificate carries besides `localhost`
 
 
 class _Delivery:
@@ -103,9 +108,15 @@ class ControlPlane:
         self.agent.start()
         ensure_ca(self.engine)
         if self.with_nats:
-            self.nats = MeshNats(self.ca, self.trust_domain, self.config.state_dir / "nats", self.bundle(), self._acked)
+            self.nats = MeshNats(self.ca, self.trust_domain, self.config.state_dir / "nats", self.bundle(), self._acked,
+                                 host=self.config.nats_host, port=self.config.nats_port,
+                                 server_names=self.config.nats_names)
             self.delivery.nats = self.nats
             self.publisher = self.nats
+            try:
+                self.nats.restore(self._published_documents())
+            except (ActionError, ValueError):  # those sidecars get their permissions back at their next publish
+                log.exception("granting the NATS permissions of the sidecars already published failed")
             self.actions = Actions(self.ca, self.delivery, self.publisher, self.actions.platform, self.vault)
             self.engine.actions = self.actions
         self._ack_thread = threading.Thread(target=self._commit_acks, name="meshloom-acks", daemon=True)
@@ -150,6 +161,11 @@ class ControlPlane:
                 self.agent.deliver(cert.data["owner"], material)
                 n += 1
         return n
+
+    def _published_documents(self) -> list[tuple[str, bytes]]:
+        """Every sidecar still in the mesh with its document: whose NATS permissions a new server must grant."""
+        keys = [r.key for r in self.store.list("sidecar") if r.state != "removed"]
+        return [(key, doc.body.encode()) for key, doc in sorted(self.store.documents(keys).items())]
 
     # ---- feedback --------------------------------------------------------------------------------------------------
     def _served(self, owner: str, cert: str) -> None:

@@ -7,11 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from machines import spec_for
+from meshctl.problems import UsageProblem
 from store import Store, redact, sqlite_url
-
-
-class UsageProblem(Exception):
-    """A user's mistake in what they asked for (exit code 2)."""
 
 
 def default_state_dir() -> Path:

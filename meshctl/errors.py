@@ -6,7 +6,7 @@ from actions.ca import CaConfigError
 from catalog import ValidationError
 from engine import EngineError, InvalidKey, UnknownEntity
 from machines import BadPayload, IllegalKind, IllegalTrigger
-from meshctl.context import UsageProblem
+from meshctl.problems import UsageProblem
 from meshctl.resources import NoSuchResource
 from store import Conflict, DatabaseError
 

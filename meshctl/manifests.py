@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from meshctl.context import UsageProblem
+from meshctl.problems import UsageProblem
 
 
 def read(source: str) -> tuple[str, list[dict[str, Any]]]:

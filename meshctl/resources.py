@@ -8,7 +8,7 @@ import yaml
 
 import catalog
 from meshctl import output
-from meshctl.context import UsageProblem
+from meshctl.problems import UsageProblem
 from store import Store
 
 

@@ -78,6 +78,7 @@ log = logging.getLogger("meshloom.sidecar.config")
 Apply = Callable[[dict[str, Any], dict[str, dict[str, Any]]], None]
 StrPath = str | os.PathLike[str]
 KV_OPERATION = "KV-Operation"  # header of a KV delete or purge marker
+RETRY_FIRST = 0.5  # seconds before a failed or refused read is tried again; doubles up to the resync interval
 REMOVED_OPERATIONS = frozenset({"DEL", "PURGE"})
 
 
@@ -184,6 +185,8 @@ class ConfigClient:
         self._reack = False
         self._lock: asyncio.Lock | None = None
         self._thread: threading.Thread | None = None
+        self._subs: list[Any] = []
+        self._refused = False  # the server refused a subscription or a read of ours: make them again
         self.connected = threading.Event()  # set while connected and subscribed
         self.synced = threading.Event()  # set once the current document was read since the last (re)connect
 
@@ -211,25 +214,48 @@ class ConfigClient:
                     await connecting
                 return
             connecting.result()
-            await nc.subscribe(self._subject, cb=self._on_message)
-            await nc.subscribe(SHARD_WILDCARD, cb=self._on_shard)
-            with contextlib.suppress(nats.errors.TimeoutError):  # the resync below reads the document anyway
-                await nc.flush(timeout=max(1, int(self.request_timeout)))
+            await self._subscribe()
             self.connected.set()
-            await self._sync(reack=False)  # nothing was acknowledged on this connection's behalf yet
+            # nothing was acknowledged on this connection's behalf yet
+            delay = self._next_delay(await self._sync(reack=False), self.resync_interval)
             while not self._stopping.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.resync_interval)
+                    await asyncio.wait_for(self._wake.wait(), delay)
                 self._wake.clear()
                 if self._stopping.is_set():
                     break
+                if self._refused:
+                    self._refused = False
+                    await self._subscribe()
                 reack, self._reack = self._reack, False
-                await self._sync(reack=reack)
+                delay = self._next_delay(await self._sync(reack=reack), delay)
         finally:
             self.connected.clear()
             self.synced.clear()
             with contextlib.suppress(asyncio.TimeoutError, nats.errors.Error, OSError):
                 await asyncio.wait_for(nc.close(), self.request_timeout)
+
+    async def _subscribe(self) -> None:
+        """(Re)make both subscriptions. The server drops a subscription it refuses and does not revive it when the
+        permission comes later, so after a refusal they are made again (see `_error`)."""
+        nc = self._nc
+        assert nc is not None
+        for sub in self._subs:
+            with contextlib.suppress(nats.errors.Error, OSError):
+                await sub.unsubscribe()
+        self._subs = [await nc.subscribe(self._subject, cb=self._on_message),
+                      await nc.subscribe(SHARD_WILDCARD, cb=self._on_shard)]
+        with contextlib.suppress(nats.errors.TimeoutError):  # the read that follows gets the document anyway
+            await nc.flush(timeout=max(1, int(self.request_timeout)))
+
+    def _next_delay(self, read: bool, delay: float) -> float:
+        """Until the next read: the resync interval once a read succeeded and nothing was refused; else a retry
+        that backs off from RETRY_FIRST, doubling, up to the resync interval."""
+        if read and not self._refused:
+            return self.resync_interval
+        if delay >= self.resync_interval:  # the first failure after a good read
+            return RETRY_FIRST
+        return min(self.resync_interval, delay * 2)
 
     def start(self) -> None:
         """Run on a thread of its own."""
@@ -252,6 +278,24 @@ class ConfigClient:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
+    def use_tls(self, ssl_context: ssl.SSLContext, *, reconnect: bool = False) -> None:
+        """Present and trust what `ssl_context` holds from the next connection on (a rotated SVID, a new trust
+        bundle); from any thread. The open connection keeps its session, unless `reconnect`: then it is replaced at
+        once, so that it is authenticated again under the new trust (nats-py retries until the server takes it, and
+        the document is read and acknowledged again as after any reconnection)."""
+        self._ssl = ssl_context  # read by run() for a connection not made yet
+        loop, nc = self._loop, self._nc
+        if loop is None or nc is None:
+            return
+
+        async def switch() -> None:
+            nc.options["tls"] = ssl_context  # what nats-py's reconnections handshake with
+            if reconnect and nc.is_connected:
+                await nc.force_reconnect()
+
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: run() has returned
+            asyncio.run_coroutine_threadsafe(switch(), loop)
+
     def resync(self) -> None:
         """Read the current document now rather than at the next periodic resync; from any thread."""
         loop, wake = self._loop, self._wake
@@ -259,26 +303,28 @@ class ConfigClient:
             loop.call_soon_threadsafe(wake.set)
 
     # -- receiving --
-    async def _sync(self, *, reack: bool) -> None:
+    async def _sync(self, *, reack: bool) -> bool:
+        """Read the document; False when the read failed (to be tried again soon)."""
         nc = self._nc
         if nc is None or not nc.is_connected:
-            return
+            return False
         try:
             msg = await nc.request(self._get_subject, b"", timeout=self.request_timeout)
         except nats.errors.NoRespondersError:
             self.synced.set()  # no bucket yet: nothing was ever published
-            return
+            return True
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             log.warning("%s: could not read its document: %s", self.sidecar, type(exc).__name__)
-            return
+            return False
         status = (msg.headers or {}).get("Status")
         if status is not None and status != "404" and not msg.data:
             log.warning("%s: the document read answered %s %s", self.sidecar, status,
                         (msg.headers or {}).get("Description", ""))
-            return
+            return False
         if status != "404":  # 404: nothing published for this sidecar yet
             await self._receive(msg, reack=reack)
         self.synced.set()
+        return True
 
     async def _on_message(self, msg: Msg) -> None:
         await self._receive(msg, reack=True)
@@ -433,6 +479,13 @@ class ConfigClient:
     # -- connection events --
     async def _error(self, exc: Exception) -> None:
         log.warning("%s: NATS: %s", self.sidecar, str(exc) or type(exc).__name__)
+        # A sidecar's permissions come with its first document: one that connects before that (the second pod of
+        # a service account, whose identity NATS already knows) is refused its subscription and its read. Make
+        # them again, backing off, rather than wait for the next resync with a subscription that stays dead.
+        if "permissions violation" in str(exc).lower():
+            self._refused = True
+            if self._wake is not None:
+                self._wake.set()
         if self._on_error is not None:
             self._on_error(exc)
 

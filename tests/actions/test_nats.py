@@ -601,6 +601,25 @@ def test_set_sidecars_adds_a_sidecar_by_reloading_the_same_server(mesh: Mesh) ->
 
 
 @pytest.mark.integration
+def test_a_second_pod_of_a_known_identity_that_connects_before_its_grant_gets_its_documents_once_granted(
+        mesh: Mesh) -> None:
+    # NATS already knows web's identity (WEB's grant), so web-2 is let in, but its own subjects are not granted yet:
+    # its subscription and its read are refused. Once granted it must get its document, and later ones live,
+    # long before the 30 s resync.
+    late = "default/web-2"
+    two = mesh.sidecar(late, ("default", "web"), start=False)
+    two.client.start()
+    refused = two.errors.get(timeout=WAIT)
+    assert "permissions violation" in str(refused).lower()
+    mesh.server.set_sidecars({**mesh.server.sidecars, late: mesh.svid("default", "web").spiffe_id})
+    mesh.publish(late, 1, n=1)
+    assert two.next_applied() == {"n": 1}
+    mesh.publish(late, 2, n=2)
+    assert two.next_applied() == {"n": 2}
+    assert {mesh.next_ack(), mesh.next_ack()} == {(late, 1), (late, 2)}
+
+
+@pytest.mark.integration
 def test_a_removed_sidecar_loses_access(mesh_factory: Callable[..., Mesh]) -> None:
     mesh = mesh_factory({WEB: ("default", "web"), "default/web-2": ("default", "web"), API: ("default", "api")})
     web, api = mesh.svid("default", "web"), mesh.svid("default", "api")
@@ -858,3 +877,41 @@ def test_a_server_left_running_by_a_killed_control_plane_is_stopped_before_a_new
     finally:
         successor.stop()
         orphan.stop()
+
+
+@pytest.mark.integration
+def test_the_mesh_nats_listens_on_the_port_it_is_given_with_a_certificate_for_every_name_it_is_dialled_by(
+        tmp_path: Path) -> None:
+    import socket
+
+    from cryptography import x509
+
+    from actions.ca import FakeCertificateAuthority, der_certificates
+    from actions.clock import SystemClock
+    from actions.meshnats import MeshNats
+
+    clock = SystemClock()
+    ca = FakeCertificateAuthority(clock)
+    ca.generate("1", 3600)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    names = ("meshloom-nats.meshloom.svc", "localhost", "meshloom-nats.meshloom.svc", "meshloom-nats")
+    mesh = MeshNats(ca, "example.org", tmp_path / "nats", der_certificates(ca.trust_anchors(("1",))),
+                    lambda s, g: None, host="127.0.0.1", port=port, server_names=names)
+    try:
+        assert mesh.url == f"tls://127.0.0.1:{port}"
+        assert f'listen: "127.0.0.1:{port}"' in mesh.server.config_path.read_text()
+
+        def sans() -> list[str]:
+            cert = x509.load_pem_x509_certificate(mesh.cert.read_bytes())
+            return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+                x509.DNSName)
+
+        # `localhost` (what the control plane's own publisher verifies) first, each name once.
+        assert sans() == ["localhost", "meshloom-nats.meshloom.svc", "meshloom-nats"]
+        assert mesh.renew_if_due(clock.now() + (mesh.not_after - mesh.not_before))  # a renewal keeps them
+        assert sans() == ["localhost", "meshloom-nats.meshloom.svc", "meshloom-nats"]
+        mesh.publish("default/web-1", 1, b'{"spiffeId": "spiffe://example.org/ns/default/sa/web"}')  # still serves
+    finally:
+        mesh.close()

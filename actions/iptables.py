@@ -1,0 +1,367 @@
+"""The pod's init rules: iptables REDIRECTs that send a pod's TCP through its sidecar.
+
+Theory of operation
+-------------------
+Two chains of our own in the nat table, entered from one jump each:
+
+    PREROUTING -p tcp -> MESHLOOM_INBOUND    RETURN for the sidecar's own ports (inbound, outbound, admin,
+                                             metrics) and the ignored incoming ports; every other TCP connection
+                                             to the pod is REDIRECTed to the inbound port
+    OUTPUT     -p tcp -> MESHLOOM_OUTBOUND   RETURN for the proxy's uid (its own upstream connections must leave
+                                             as they are), anything leaving through lo or to 127.0.0.0/8, the
+                                             admin and metrics ports and the ignored outgoing ports; every other
+                                             TCP connection the pod opens is REDIRECTed to the outbound port
+
+REDIRECT keeps the original destination in conntrack, where the proxy reads it back with SO_ORIGINAL_DST. The nat
+table only sees a connection's first packet, so replies and established connections are untouched. Only TCP is
+redirected: UDP (DNS) is never touched, and TCP port 53 is ignored by default too.
+
+Install is ONE `iptables-restore --noflush` call, so it applies atomically or not at all:
+  - declaring `:MESHLOOM_INBOUND - [0:0]` creates the chain, or flushes it if it exists (both iptables-legacy and
+    iptables-nft do so under --noflush), so the chains are always rebuilt from the settings, never appended to;
+  - the jumps from the built-in chains do not depend on the settings. The current nat table is read first
+    (`iptables-save -t nat`) and the jump is inserted only when it is missing; a duplicate, or any other jump to our
+    chains, is deleted in the same call. Running install twice therefore gives the same table as running it once.
+Two installs racing in one namespace could both insert the jump; the next install deletes the spare one.
+
+Backends (USERS.md #7, legacy vs nft): the kernel has two iptables front ends that do not see each other's rules,
+and using the wrong one beside a CNI's or kube-proxy's rules gives surprising results. `detect_backend` counts the
+rules (other than ours) each holds in the namespace and picks the one in use; with none anywhere it picks nft (the
+default of current distributions, Debian 12 here). After installing, our chains are removed from the other backend
+if an earlier run left them there, so the two never redirect at once.
+
+`render_rules` and `parse_ports` are pure; `install`, `remove` and `detect_backend` run the iptables tools, inside
+a named network namespace when asked (`ip netns exec`). Errors are one line: `MissingTool` (no iptables),
+`MissingPrivilege` (not root / no CAP_NET_ADMIN), `IptablesError` (the tool refused), `InitConfigError` (bad
+settings, naming the flag or annotation).
+
+IPv6 (ip6tables) is not handled: the pods of this mesh are IPv4.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from actions.errors import MissingPrivilege, MissingTool, PermanentError
+
+INBOUND_CHAIN = "MESHLOOM_INBOUND"
+OUTBOUND_CHAIN = "MESHLOOM_OUTBOUND"
+CHAINS = (INBOUND_CHAIN, OUTBOUND_CHAIN)
+# Each of our chains and the built-in chain that jumps to it.
+_ENTRY = {INBOUND_CHAIN: "PREROUTING", OUTBOUND_CHAIN: "OUTPUT"}
+_JUMP_SPEC = "-p tcp -j {chain}"  # as iptables-save prints it back, so that presence is an exact comparison
+
+DEFAULT_INBOUND_PORT = 15006
+DEFAULT_OUTBOUND_PORT = 15001
+DEFAULT_PROXY_UID = 2102
+ADMIN_PORTS = (15021, 15090)  # readiness/liveness/shutdown and Prometheus: never redirected, in or out
+DNS_PORTS = (53,)
+_COMMAND_TIMEOUT = 30.0
+_CAP_NET_ADMIN = 12
+
+
+class InitConfigError(ValueError):
+    """A setting init refuses: one line naming the flag or annotation, for the CLI to print as is."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(message.split()))
+
+
+class IptablesError(PermanentError):
+    """iptables refused to do something (its own message, on one line), or a namespace does not exist."""
+
+
+class BackendName(enum.StrEnum):
+    nft = "nft"
+    legacy = "legacy"
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    """An iptables front end, and why it was chosen."""
+
+    name: BackendName
+    reason: str
+
+    @property
+    def save(self) -> str:
+        return f"iptables-{self.name}-save"
+
+    @property
+    def restore(self) -> str:
+        return f"iptables-{self.name}-restore"
+
+
+@dataclass(frozen=True, slots=True)
+class InitSettings:
+    """What init redirects. Ports are validated; ignored ports are kept sorted and unique."""
+
+    inbound_port: int = DEFAULT_INBOUND_PORT
+    outbound_port: int = DEFAULT_OUTBOUND_PORT
+    proxy_uid: int = DEFAULT_PROXY_UID
+    admin_ports: tuple[int, ...] = ADMIN_PORTS
+    ignore_incoming_ports: tuple[int, ...] = DNS_PORTS
+    ignore_outgoing_ports: tuple[int, ...] = DNS_PORTS
+
+    def __post_init__(self) -> None:
+        for name in ("inbound_port", "outbound_port"):
+            _check_port(getattr(self, name), name.replace("_", "-"))
+        if self.inbound_port == self.outbound_port:
+            raise InitConfigError(f"inbound-port and outbound-port are both {self.inbound_port}: they must differ")
+        if not 0 <= self.proxy_uid < 2**32 - 1:
+            raise InitConfigError(f"proxy-uid: {self.proxy_uid} is not a uid")
+        for name in ("admin_ports", "ignore_incoming_ports", "ignore_outgoing_ports"):
+            ports = tuple(sorted(set(getattr(self, name))))
+            for port in ports:
+                _check_port(port, name.replace("_", "-"))
+            object.__setattr__(self, name, ports)
+
+    @property
+    def inbound_exempt(self) -> tuple[int, ...]:
+        """Destination ports of connections into the pod that are never redirected."""
+        own = {self.inbound_port, self.outbound_port, *self.admin_ports}
+        return tuple(sorted(own | set(self.ignore_incoming_ports)))
+
+    @property
+    def outbound_exempt(self) -> tuple[int, ...]:
+        """Destination ports of connections out of the pod that are never redirected."""
+        return tuple(sorted(set(self.admin_ports) | set(self.ignore_outgoing_ports)))
+
+
+def _check_port(port: object, what: str) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise InitConfigError(f"{what}: {port!r} is not a port (1-65535)")
+
+
+def parse_ports(text: str, *, source: str) -> tuple[int, ...]:
+    """"80,443, 8080" -> (80, 443, 8080), sorted and unique; "" -> (). `source` names the flag or annotation in
+    the one-line error, e.g. "--ignore-incoming-ports" or "annotation config.nsm.nginx.com/ignore-incoming-ports"."""
+    if not text.strip():
+        return ()
+    ports: set[int] = set()
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item.isdecimal() or not 1 <= int(item) <= 65535:
+            raise InitConfigError(f"{source}: {item!r} is not a port (1-65535) in {text!r}; expected a "
+                                  f"comma-separated list such as 80,443")
+        ports.add(int(item))
+    return tuple(sorted(ports))
+
+
+# -- rendering (pure) ------------------------------------------------------------------------------------------
+
+
+def jump_rule(chain: str) -> str:
+    """Our jump as iptables-save prints it: `-A PREROUTING -p tcp -j MESHLOOM_INBOUND`."""
+    return f"-A {_ENTRY[chain]} {_JUMP_SPEC.format(chain=chain)}"
+
+
+def _jumps_to_ours(existing: str) -> list[str]:
+    """Every rule of a built-in chain of the saved nat table whose target is one of our chains, in order."""
+    targets = "|".join(CHAINS)
+    pattern = re.compile(rf"-A (PREROUTING|INPUT|OUTPUT|POSTROUTING) .*-[jg] ({targets})(\s|$)")
+    return [line.strip() for line in _nat_section(existing) if pattern.match(line.strip())]
+
+
+def _nat_section(saved: str) -> list[str]:
+    lines, inside = [], False
+    for line in saved.splitlines():
+        if line.startswith("*"):
+            inside = line.strip() == "*nat"
+        elif inside:
+            lines.append(line)
+    return lines
+
+
+def _chains_present(saved: str) -> list[str]:
+    declared = {line[1:].split()[0] for line in _nat_section(saved) if line.startswith(":")}
+    return [c for c in CHAINS if c in declared]
+
+
+def render_rules(settings: InitSettings, *, existing: str = "") -> str:
+    """The `iptables-restore --noflush` input for the nat table. `existing` is the namespace's current
+    `iptables-save -t nat` output: jumps already there are not added again, spare ones are deleted. With no
+    `existing` (a fresh namespace, or --dry-run) the jumps are inserted."""
+    s = settings
+    lines = [
+        f"# meshloom init: inbound TCP -> {s.inbound_port}, outbound TCP -> {s.outbound_port} "
+        f"(uid {s.proxy_uid} exempt); not redirected: in {_ports(s.inbound_exempt)}, out {_ports(s.outbound_exempt)}",
+        "*nat",
+        *(f":{chain} - [0:0]" for chain in CHAINS),  # creates the chain, or flushes it (--noflush keeps the rest)
+    ]
+    lines += [f"-A {INBOUND_CHAIN} -p tcp --dport {port} -j RETURN" for port in s.inbound_exempt]
+    lines.append(f"-A {INBOUND_CHAIN} -p tcp -j REDIRECT --to-ports {s.inbound_port}")
+    lines += [
+        f"-A {OUTBOUND_CHAIN} -m owner --uid-owner {s.proxy_uid} -j RETURN",  # the proxy's own upstream traffic
+        f"-A {OUTBOUND_CHAIN} -o lo -j RETURN",  # to the pod itself (incl. its own address) and the sidecar
+        f"-A {OUTBOUND_CHAIN} -d 127.0.0.0/8 -j RETURN",
+    ]
+    lines += [f"-A {OUTBOUND_CHAIN} -p tcp --dport {port} -j RETURN" for port in s.outbound_exempt]
+    lines.append(f"-A {OUTBOUND_CHAIN} -p tcp -j REDIRECT --to-ports {s.outbound_port}")
+    lines += _jump_changes(existing)
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def _jump_changes(existing: str) -> list[str]:
+    """Insert each missing jump; delete duplicates and any other rule that jumps to our chains."""
+    changes: list[str] = []
+    kept: set[str] = set()
+    for rule in _jumps_to_ours(existing):
+        if rule in {jump_rule(c) for c in CHAINS} and rule not in kept:
+            kept.add(rule)
+        else:
+            changes.append("-D" + rule[2:])
+    for chain in CHAINS:
+        if jump_rule(chain) not in kept:
+            changes.append(f"-I{jump_rule(chain)[2:]}")  # first in its chain: ahead of anything else's NAT
+    return changes
+
+
+def render_removal(existing: str) -> str | None:
+    """The `iptables-restore --noflush` input that deletes our jumps and chains; None when there is nothing."""
+    chains = _chains_present(existing)
+    jumps = _jumps_to_ours(existing)
+    if not chains and not jumps:
+        return None
+    lines = ["*nat", *("-D" + rule[2:] for rule in jumps)]
+    lines += [f"-F {chain}" for chain in chains]
+    lines += [f"-X {chain}" for chain in chains]
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def _ports(ports: Iterable[int]) -> str:
+    return ",".join(map(str, ports)) or "-"
+
+
+# -- the host ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class InstallResult:
+    backend: Backend
+    netns: str | None
+    rules: str  # exactly what was given to iptables-restore
+    cleaned_other_backend: bool = False  # our chains were also found (and removed) in the other backend
+
+
+def count_rules(saved: str) -> int:
+    """Rules in an iptables-save output, ours not counted (they say nothing about what the host uses)."""
+    return sum(1 for line in saved.splitlines() if line.startswith("-A ") and "MESHLOOM_" not in line)
+
+
+def detect_backend(netns: str | None = None) -> Backend:
+    """The iptables front end this namespace (the host's when None) uses: the one holding rules, else nft."""
+    installed = [b for b in BackendName if shutil.which(f"iptables-{b}-restore") and shutil.which(f"iptables-{b}-save")]
+    if not installed:
+        raise MissingTool("iptables is not installed (neither iptables-nft-restore nor iptables-legacy-restore): "
+                          "apt-get install iptables")
+    if len(installed) == 1:
+        return Backend(installed[0], f"only iptables-{installed[0]} is installed")
+    _check_privilege()
+    counts = {b: count_rules(_run(netns, [f"iptables-{b}-save"]).stdout) for b in installed}
+    where = f"network namespace {netns}" if netns else "the host"
+    summary = ", ".join(f"iptables-{b} {n}" for b, n in counts.items())
+    if counts[BackendName.nft] == counts[BackendName.legacy] == 0:
+        return Backend(BackendName.nft, f"no rules in {where} yet ({summary}): nft by default")
+    chosen = max(installed, key=lambda b: (counts[b], b == BackendName.nft))  # a tie goes to nft
+    return Backend(chosen, f"rules already in {where}: {summary}")
+
+
+def backend_named(name: str) -> Backend:
+    try:
+        chosen = BackendName(name)
+    except ValueError:
+        raise InitConfigError(f"backend: {name!r} is not one of auto, nft, legacy") from None
+    if not shutil.which(f"iptables-{chosen}-restore"):
+        raise MissingTool(f"iptables-{chosen}-restore is not installed: apt-get install iptables")
+    return Backend(chosen, "chosen by the caller")
+
+
+def saved_nat(backend: Backend, netns: str | None = None) -> str:
+    return _run(netns, [backend.save, "-t", "nat"]).stdout
+
+
+def install(settings: InitSettings, netns: str | None = None, backend: Backend | None = None) -> InstallResult:
+    """Install (or refresh) the redirect rules in one atomic iptables-restore; idempotent."""
+    _check_privilege()
+    chosen = backend or detect_backend(netns)
+    rules = render_rules(settings, existing=saved_nat(chosen, netns))
+    _run(netns, [chosen.restore, "--noflush"], input=rules)
+    cleaned = False
+    other = BackendName.legacy if chosen.name is BackendName.nft else BackendName.nft
+    if shutil.which(f"iptables-{other}-save") and shutil.which(f"iptables-{other}-restore"):
+        cleaned = _remove_from(Backend(other, "the other backend"), netns)
+    return InstallResult(chosen, netns, rules, cleaned)
+
+
+def remove(netns: str | None = None) -> list[Backend]:
+    """Delete our jumps and chains from every backend that has them; returns those. Idempotent."""
+    _check_privilege()
+    removed = []
+    for name in BackendName:
+        if shutil.which(f"iptables-{name}-save") and shutil.which(f"iptables-{name}-restore"):
+            backend = Backend(name, "removal")
+            if _remove_from(backend, netns):
+                removed.append(backend)
+    if not removed and not any(shutil.which(f"iptables-{n}-restore") for n in BackendName):
+        raise MissingTool("iptables is not installed: apt-get install iptables")
+    return removed
+
+
+def _remove_from(backend: Backend, netns: str | None) -> bool:
+    removal = render_removal(saved_nat(backend, netns))
+    if removal is None:
+        return False
+    _run(netns, [backend.restore, "--noflush"], input=removal)
+    return True
+
+
+def _check_privilege() -> None:
+    if os.geteuid() == 0:
+        return
+    try:
+        status = Path("/proc/self/status").read_text()
+        caps = int(next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff:")), 16)
+    except (OSError, StopIteration, ValueError):
+        caps = 0
+    if not caps >> _CAP_NET_ADMIN & 1:
+        raise MissingPrivilege(f"changing iptables needs root or CAP_NET_ADMIN (and NET_RAW for iptables-legacy); "
+                               f"running as uid {os.geteuid()} without them")
+
+
+def _run(netns: str | None, argv: Sequence[str], *, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    command = [*(("ip", "netns", "exec", netns) if netns else ()), *argv]
+    try:
+        result = subprocess.run(command, input=input, capture_output=True, text=True, timeout=_COMMAND_TIMEOUT,
+                                check=False)
+    except FileNotFoundError:
+        tool = "ip (iproute2)" if netns else argv[0]
+        raise MissingTool(f"{tool} is not installed: apt-get install {'iproute2' if netns else 'iptables'}") from None
+    except subprocess.TimeoutExpired:
+        raise IptablesError(f"{argv[0]}: no answer within {_COMMAND_TIMEOUT:g}s") from None
+    if result.returncode == 0:
+        return result
+    err = result.stderr
+    if netns and "Cannot open network namespace" in err:
+        raise IptablesError(f"network namespace {netns!r} does not exist (ip netns list)")
+    if netns and f'exec of "{argv[0]}" failed' in err:
+        raise MissingTool(f"{argv[0]} is not installed: apt-get install iptables")
+    if "Permission denied" in err or "Operation not permitted" in err:
+        raise MissingPrivilege(f"{argv[0]}: {_first_line(err)} (needs root or CAP_NET_ADMIN)")
+    line = re.search(r"Error occurred at line: (\d+)", err)
+    where = f" at line {line.group(1)} of the rules" if line else ""
+    raise IptablesError(f"{argv[0]} failed{where}: {_first_line(err)}")
+
+
+def _first_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else "(no message)"
