@@ -44,6 +44,17 @@ from catalog.documents import (
     shards,
 )
 from catalog.fields import FrozenMap, Problem, ValidationError
+from catalog.inject import (
+    Decision,
+    InjectionValues,
+    InjectionValuesError,
+    InjectReason,
+    admission_response,
+    admit,
+    decide,
+    inject,
+    inject_document,
+)
 from catalog.kube import (
     AUTO_INJECT_LABEL,
     CLIENT_MAX_BODY_SIZE_ANNOTATION,
@@ -93,4 +104,6 @@ __all__ = [
     "TrafficSplit", "TrafficTarget", "Transport", "ValidationError", "World", "canonical", "changed", "check",
     "compute", "documents", "is_meshed", "parse", "parse_all", "port_protocol", "render", "shards", "spiffe_id",
     "warnings",
+    "Decision", "InjectReason", "InjectionValues", "InjectionValuesError", "admission_response", "admit", "decide",
+    "inject", "inject_document",
 ]

@@ -14,6 +14,13 @@ sidecar's connection (identity-issued), its first configuration (sidecar-connect
 The steps the mesh itself drives (everything from admission to config-synced, except waiting for the platform to
 schedule the pod) carry a deadline; a tick after it moves the pod to `failed` with `step-timed-out`, so no pod stays
 stuck unnoticed. `failed` keeps the reason; `reset` starts the pod over, `terminate` takes it out.
+
+`gone` is not the end: a pod deleted and created again under the same name (a StatefulSet's `web-0`, or any pod a
+user re-creates) is the same entity, and `admit` from `gone` starts its life again (reason `readmitted`). Its data is
+the new payload's: the previous incarnation's facts (node, address, certificate, failure) are cleared, since the
+table merges an update into the data. Nothing of the previous incarnation is left to take over: `terminate` revoked
+its certificates and removed its sidecar's rollout, so the new incarnation asks for a certificate of its own when
+it is scheduled (the next index, under a service account that may have changed) and registers its sidecar again.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ class PodReason(enum.StrEnum):
     STEP_TIMED_OUT = "step-timed-out"
     FAILED = "failed"
     RESET = "reset"
+    READMITTED = "readmitted"
 
 
 REASONS: dict[str, str] = {
@@ -74,6 +82,7 @@ REASONS: dict[str, str] = {
     PodReason.STEP_TIMED_OUT: "a step the mesh drives did not finish before its deadline",
     PodReason.FAILED: "an effect failed for good",
     PodReason.RESET: "started over by an operator",
+    PodReason.READMITTED: "created again under the same name after it was gone: its life starts over",
 }
 
 # What a pod in each state is still waiting for: `meshctl state pods` says it (users' complaint #1).
@@ -117,6 +126,11 @@ def _admit(ctx: Context) -> dict[str, object]:
     }
 
 
+def _readmit(ctx: Context) -> dict[str, object]:
+    """The new incarnation's data only: every key of the previous one cleared, then the admission's."""
+    return {**dict.fromkeys(ctx.data), **_admit(ctx)}
+
+
 def _request_identity(ctx: Context) -> tuple[Effect, ...]:
     # The pod's own name first (it becomes the CN), then its service account's: HAProxy 2.8 cannot match a URI SAN,
     # so a client sidecar pins the server's identity with `verifyhost <sa>.<ns>.sa`.
@@ -145,6 +159,8 @@ R = PodReason
 RULES: tuple[Rule, ...] = (
     Rule("admit", (), S.admitted, R.ADMITTED, update=_admit,
          effects=lambda ctx: (InjectSidecar(ctx.key),), due=_deadline),
+    Rule("admit", (S.gone,), S.admitted, R.READMITTED, update=_readmit,
+         effects=lambda ctx: (InjectSidecar(ctx.key),), due=_deadline),
     Rule("injected", (S.admitted,), S.injected, R.INJECTED),
     Rule("schedule", (S.injected,), S.scheduled, R.SCHEDULED,
          update=lambda ctx: {"node": ctx.payload.get("node"), "ip": ctx.payload.get("ip")},
@@ -169,5 +185,5 @@ RULES: tuple[Rule, ...] = (
          due=_deadline),
 )
 
-SPEC = Spec(KIND, PodState, create="admit", initial=S.admitted, rules=RULES, reasons=REASONS,
-            terminal=frozenset({S.gone}))
+# No terminal state: a pod that is gone may be created again under its name (`admit` from `gone`).
+SPEC = Spec(KIND, PodState, create="admit", initial=S.admitted, rules=RULES, reasons=REASONS)

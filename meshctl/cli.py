@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import enum
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +15,11 @@ import typer
 
 from meshctl import output
 from meshctl.context import open_store, parse_ref, resolve
+from meshctl.controller import controller_command
+from meshctl.entry import run
 from meshctl.errors import exit_code_for
+from meshctl.init import init as init_command
+from meshctl.sidecar import sidecar_command
 
 app = typer.Typer(
     name="meshctl",
@@ -205,6 +208,32 @@ def apply(file: Annotated[str, typer.Option("--filename", "-f", help="a YAML or 
             typer.echo(f"{name} {verb}")
 
 
+class InjectFormat(enum.StrEnum):
+    yaml = "yaml"
+    json = "json"
+
+
+@app.command()
+def inject(file: Annotated[str, typer.Option("--filename", "-f", help="a YAML or JSON file of manifests, or - "
+                                                                       "for standard input")],
+           values: Annotated[Path | None, typer.Option("--values", help="chart values merged over "
+                                                       "charts/meshloom/values.yaml, as helm -f", show_default=False)]
+           = None,
+           ignore_incoming_ports: Annotated[str, typer.Option(help="inbound ports the sidecar leaves alone, e.g. "
+                                                                   "8081,9000 (besides 53)")] = "",
+           ignore_outgoing_ports: Annotated[str, typer.Option(help="outbound ports the sidecar leaves alone, e.g. "
+                                                                   "5432 (besides 53)")] = "",
+           out: Annotated[InjectFormat, typer.Option("--output", "-o", help="yaml or json")] = InjectFormat.yaml,
+           ) -> None:
+    """Add the mesh's init container and sidecar to Pods, Deployments, StatefulSets, DaemonSets, ReplicaSets,
+    ReplicationControllers, Jobs and CronJobs (and Lists of them), as the admission webhook does; print the result.
+    Other documents, and pods labelled injector.nsm.nginx.com/auto-inject=disabled, pass through unchanged, with the
+    reason on stderr."""
+    from meshctl.inject import run
+
+    run(file, values, ignore_incoming_ports, ignore_outgoing_ports, str(out))
+
+
 @app.command()
 def get(kind: Annotated[str, typer.Argument(help="a kind by its lower-case name, e.g. service, trafficsplit")],
         name: Annotated[str | None, typer.Argument(help="NAME or NAMESPACE/NAME")] = None,
@@ -283,29 +312,45 @@ def node_agent(socket_dir: Annotated[Path, typer.Option(help="where each workloa
     run(socket_dir, feed_dir, run_for)
 
 
+app.command("sidecar")(sidecar_command)
+
+app.command("init")(init_command)
+
+app.command("controller")(controller_command)
+
+
+KubeconfigOpt = Annotated[Path | None, typer.Option("--kubeconfig", help="kubeconfig of the cluster [default: "
+                                                    "$KUBECONFIG, else ~/.kube/config]", show_default=False)]
+KubeNamespaceOpt = Annotated[str, typer.Option("--namespace", "-n", help="namespace of the control plane")]
+
+
+@app.command()
+def deploy(namespace: KubeNamespaceOpt = "meshloom",
+           set_values: Annotated[list[str] | None, typer.Option("--set", help="a chart value, KEY=VALUE (e.g. "
+                                                                "mtls.mode=strict); repeatable")] = None,
+           values_files: Annotated[list[Path] | None, typer.Option("--values", "-f", help="a YAML file of chart "
+                                                                   "values; repeatable")] = None,
+           kubeconfig: KubeconfigOpt = None,
+           chart: Annotated[Path | None, typer.Option(help="the chart [default: charts/meshloom]",
+                                                      show_default=False)] = None,
+           wait: Annotated[bool, typer.Option(help="wait until the control plane's pods are ready")] = False,
+           dry_run: Annotated[bool, typer.Option(help="print the manifests instead of deploying")] = False) -> None:
+    """Deploy the control plane into a Kubernetes cluster with Helm (charts/meshloom: controller, node agents,
+    NATS, injector webhook, CRDs), or upgrade it in place when it is there already."""
+    from meshctl.deploy import deploy as run
+
+    run(namespace=namespace, set_values=set_values or [], values_files=values_files or [], kubeconfig=kubeconfig,
+        chart=chart, wait=wait, dry_run=dry_run)
+
+
+@app.command()
+def remove(namespace: KubeNamespaceOpt = "meshloom", kubeconfig: KubeconfigOpt = None) -> None:
+    """Remove the control plane from a Kubernetes cluster (helm uninstall). The CRDs and the policies in them are
+    kept."""
+    from meshctl.deploy import remove as run
+
+    run(namespace=namespace, kubeconfig=kubeconfig)
+
+
 def main(argv: list[str] | None = None) -> int:
-    command = typer.main.get_command(app)
-    try:
-        result = command.main(args=argv, prog_name="meshctl", standalone_mode=False)
-        return result if isinstance(result, int) else 0
-    except typer.Exit as exc:
-        return int(exc.exit_code)
-    except typer.Abort:
-        print("meshctl: aborted", file=sys.stderr)
-        return 130
-    except typer.TyperException as exc:  # a wrong flag or argument
-        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-        print(f"meshctl: {_one_line(message)}", file=sys.stderr)
-        return int(getattr(exc, "exit_code", 2))
-    except Exception as exc:
-        code = exit_code_for(exc)
-        if code is None:
-            raise
-        problems = getattr(exc, "problems", None)  # rejected manifests: every problem, a line each
-        for line in [str(p) for p in problems] if problems else [str(exc)]:
-            print(f"meshctl: {_one_line(line)}", file=sys.stderr)
-        return code
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
+    return run(app, argv, exit_code_for)

@@ -16,6 +16,8 @@ import pytest
 
 from store import migrate
 from store import sqlite_url as _sqlite_url
+from tests.support.kube import kube_api  # noqa: F401  (the session's real API server, for every test)
+from tests.support.netns import host_network  # noqa: F401  (the fixture, for every test)
 from tests.support.postgres import PostgresServer, PostgresUnavailable, start_postgres
 
 

@@ -37,15 +37,16 @@ def test_a_diagram_is_the_same_every_time_it_is_drawn(kind):
     assert mermaid(SPECS[kind]) == mermaid(SPECS[kind])
 
 
-def test_the_pod_diagram_draws_creation_guards_and_the_end():
+def test_the_pod_diagram_draws_creation_guards_and_readmission_and_the_cert_diagram_its_ends():
     drawn = mermaid(SPECS["pod"]).splitlines()
     assert drawn[0] == "stateDiagram-v2"
     assert '    state "identity-requested" as identity_requested' in drawn
     assert "    [*] --> admitted : admit" in drawn
     assert "    admitted --> injected : injected" in drawn
     assert "    identity_requested --> failed : tick [is_due]" in drawn
-    assert "    gone --> [*]" in drawn
+    assert "    gone --> admitted : admit" in drawn  # a pod created again under its name: no end
     assert "    failed --> [*]" not in drawn  # failed is a state to leave, not an end
+    assert "    revoked --> [*]" in mermaid(SPECS["cert"]).splitlines()
 
 
 def test_a_diagram_names_the_module_its_table_lives_in():

@@ -109,6 +109,16 @@ TABLE: dict[tuple[S, str], tuple[Case, ...]] = {
     (S.terminating, "gone"): (Case("always", Moves(S.gone, R.GONE)),),
     (S.terminating, "fail"): fail_cases(),
 
+    (S.gone, "admit"): (
+        Case("created again under its name", Moves(
+            S.admitted, R.READMITTED, effects=(InjectSidecar(KEY),), due=DEADLINE,
+            data={"service_account": "api", "labels": {"app": "api"}, "node": None, "ip": None, "cert": None}),
+             payload={"service_account": "api", "labels": {"app": "api"}},
+             data={"node": "node-a", "ip": "10.0.0.7", "cert": f"{KEY}/1"}),
+        Case("with a custom step timeout", Moves(S.admitted, R.READMITTED, effects=(InjectSidecar(KEY),),
+                                                 due=at(30)), settings={"pod_step_timeout": 30}),
+    ),
+
     (S.failed, "reset"): (Case("always", ADMITTED),),
     (S.failed, "terminate"): (Case("always", TERMINATE),),
 }
@@ -143,9 +153,24 @@ def test_a_trigger_other_than_admit_on_a_pod_that_does_not_exist_is_illegal(trig
     check(SPEC, None, trigger, Context(KEY, {}, {}, T0), ILLEGAL)
 
 
-def test_admitting_a_pod_that_exists_is_illegal_whatever_its_state():
+def test_admitting_a_pod_that_exists_is_illegal_unless_it_is_gone():
     for state in S:
-        check(SPEC, state, "admit", Context(KEY, BASE, {}, T0), ILLEGAL)
+        if state is not S.gone:
+            check(SPEC, state, "admit", Context(KEY, BASE, {}, T0), ILLEGAL)
+
+
+def test_a_pod_created_again_after_it_was_gone_starts_over_with_only_the_new_incarnations_data():
+    old = {**BASE, "node": "node-a", "ip": "10.0.0.7", "cert": f"{KEY}/3", "failure": "step-timed-out in scheduled"}
+    step = SPEC.step(S.gone, "admit", Context(KEY, old, {"namespace": "default", "name": "web-1",
+                                                         "service_account": "web-v2"}, T0))
+    assert step is not None and (step.source, step.dest, step.reason) == (S.gone, S.admitted, "readmitted")
+    assert step.data == {"namespace": "default", "name": "web-1", "service_account": "web-v2", "labels": {},
+                         "node": None, "ip": None, "cert": None, "failure": None}
+    # Its certificate is asked for anew once it is scheduled, under the new service account.
+    scheduled = SPEC.step(S.injected, "schedule", Context(KEY, step.data, {"node": "node-b", "ip": "10.0.0.9"}, T0))
+    assert scheduled is not None
+    assert scheduled.effects == (RequestIdentity(KEY, "spiffe://example.org/ns/default/sa/web-v2",
+                                                 ("web-1.default.pod", "web-v2.default.sa")),)
 
 
 def test_an_unknown_trigger_is_illegal():
