@@ -199,6 +199,10 @@ def render_rules(settings: InitSettings, *, existing: str = "") -> str:
     lines += [f"-A {INBOUND_CHAIN} -p tcp --dport {port} -j RETURN" for port in s.inbound_exempt]
     lines.append(f"-A {INBOUND_CHAIN} -p tcp -j REDIRECT --to-ports {s.inbound_port}")
     lines += [
+        # The proxy calling its own pod (a Service whose endpoint is this pod): the connection never crosses
+        # PREROUTING (it loops over lo), so it would reach the application as mutual TLS. Send it through the
+        # inbound chain instead, as if it came from outside, with the same exempt ports.
+        f"-A {OUTBOUND_CHAIN} -o lo ! -d 127.0.0.0/8 -m owner --uid-owner {s.proxy_uid} -j {INBOUND_CHAIN}",
         f"-A {OUTBOUND_CHAIN} -m owner --uid-owner {s.proxy_uid} -j RETURN",  # the proxy's own upstream traffic
         f"-A {OUTBOUND_CHAIN} -o lo -j RETURN",  # to the pod itself (incl. its own address) and the sidecar
         f"-A {OUTBOUND_CHAIN} -d 127.0.0.0/8 -j RETURN",

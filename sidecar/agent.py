@@ -37,7 +37,9 @@ Two feeds drive one proxy:
    current SVID) if it died, and retries an `update_svid` that failed, so that no rotation is lost to one bad call.
 6. **Stopping** (USERS #2 and #10): `POST /shutdown` (a Job's workload is done) and SIGTERM both drain: readiness
    turns 503, the configuration feed stops, `Proxy.stop(drain_seconds)` stops accepting and lets connections in
-   flight finish, then the Workload API stream and the admin server close and `wait()` returns.
+   flight finish, then the Workload API stream and the admin server close and `wait()` returns. `POST /shutdown`
+   is served only from loopback (the workload, inside the pod); any other client gets 403, since the admin port is
+   never redirected and so no mTLS guards it.
 7. **A restart** (the agent killed and started again) begins from nothing: the SVID from the Workload API, the
    current document from NATS (not a replay), a fresh HAProxy. HAProxy runs in a session of its own, so a SIGKILL
    of the agent leaves it serving (with the configuration it had) until the agent is back. The new agent finds it
@@ -67,6 +69,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import http.client
+import ipaddress
 import json
 import logging
 import os
@@ -813,6 +816,17 @@ class _AdminServer(ThreadingHTTPServer):
         self.server_name, self.server_port = str(host), int(port)
 
 
+def from_inside_pod(host: str) -> bool:
+    """Whether an admin client address is the pod's loopback (an IPv4-mapped IPv6 form included)."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
 class _AdminHandler(BaseHTTPRequestHandler):
     server: _AdminServer
     protocol_version = "HTTP/1.1"
@@ -841,6 +855,12 @@ class _AdminHandler(BaseHTTPRequestHandler):
         if length:
             self.rfile.read(min(length, 65536))
         if path in ("/shutdown", "/quitquitquit"):  # the second as Istio and Linkerd name it, for wrappers
+            if not from_inside_pod(self.client_address[0]):
+                # The admin port is never redirected, so no mTLS guards it: anyone reaching the pod could stop its
+                # proxy. The workload calls from inside the pod (loopback); the kubelet only needs GET.
+                self._json(403, {"error": f"{path} is served only from inside the pod (loopback), not to "
+                                          f"{self.client_address[0]}"})
+                return
             self._json(202, {"shutting_down": True, "drain_seconds": self.server.agent.settings.drain_seconds})
             self.server.agent.request_stop()
         else:

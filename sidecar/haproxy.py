@@ -58,8 +58,10 @@ Inbound (frontend `inbound` on the inbound port, all addresses):
 - mtls `permissive` (and `off`, see below): one plain bind. A TLS ClientHello offering the ALPN `meshloom` (which our
   outbound side always offers) is mesh traffic: it is passed, with a PROXY v2 header keeping its addresses, to the
   internal frontend `inbound-mtls` (an abstract socket) which terminates it exactly as strict does. Plain text is
-  handled on the spot; other TLS (the application's own, from outside the mesh) passes through at layer 4. The
-  peek waits up to 5 s for the client's first bytes, so server-first protocols on a permissive port start late;
+  handled on the spot; other TLS (the application's own, from outside the mesh) passes through at layer 4 with
+  access control `allow`, and is refused with `deny` (it has no identity, and passing it would carry its requests
+  past the access, body size and rate rules). The peek waits up to 5 s for the client's first bytes, so
+  server-first protocols on a permissive port start late;
 - mtls `off`: the outbound side sends plain text; the inbound side is the permissive one, so that a peer whose
   pod annotation says `permissive` or `strict` still reaches it;
 - the client's SPIFFE ID is read by the Lua fetch `lua.meshloom_spiffe_id` (lua/spiffe.lua walks `ssl_c_der` to
@@ -797,9 +799,12 @@ class _Renderer:
             "tcp-request content set-var(sess.mesh) bool(1) "
             f"if {{ req.ssl_hello_type 1 }} {{ req.ssl_alpn {MESH_ALPN} }}",
             "tcp-request content accept if { var(sess.mesh) -m bool }",
+            # deny: TLS that is not the mesh's has no identity and would carry its requests past every layer 7
+            # rule (access, body size, rate) to the application's own TLS: refuse it. allow: pass it through.
+            *(["tcp-request content reject if { req.ssl_hello_type 1 }"] if self.deny else []),
             *self._policy(tls=False),
             "use_backend inbound-mtls-loop if { var(sess.mesh) -m bool }",
-            "use_backend inbound-app if { req.ssl_hello_type 1 }",  # the application's own TLS, untouched
+            *([] if self.deny else ["use_backend inbound-app if { req.ssl_hello_type 1 }"]),  # the app's own TLS
             *routing,
         ]
         return [self._frontend("inbound", bind, plain),

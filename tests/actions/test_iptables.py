@@ -227,6 +227,22 @@ def test_loopback_traffic_inside_the_pod_is_not_redirected(two_pods: tuple[PodNe
 
 
 @pytest.mark.integration
+def test_the_proxy_calling_its_own_pod_goes_through_the_inbound_port_like_a_connection_from_outside(
+        two_pods: tuple[PodNet, PodNet], listeners: Listeners) -> None:
+    # A Service whose endpoint is the calling pod itself: the proxy's mutual-TLS connection to its own address
+    # must reach its inbound side, not the application.
+    pod, _ = two_pods
+    install(InitSettings(), netns=pod.netns)
+    listeners.start(pod, 15006, uid=PROXY)
+    for port in (8080, 15021):
+        listeners.start(pod, port, uid=NOBODY)
+    # (REDIRECT in OUTPUT lands on loopback; the original destination is what the proxy routes by)
+    assert connect(pod, pod.ip, 8080, uid=PROXY) == f"127.0.0.1:15006 {pod.ip}:8080"
+    assert connect(pod, pod.ip, 15021, uid=PROXY).split()[0] == f"{pod.ip}:15021"  # exempt ports stay exempt
+    assert connect(pod, "127.0.0.1", 8080, uid=PROXY).split()[0] == "127.0.0.1:8080"  # the proxy to its app
+
+
+@pytest.mark.integration
 def test_inbound_tcp_to_the_apps_port_lands_on_the_inbound_port_and_admin_ports_are_left_alone(
         two_pods: tuple[PodNet, PodNet], listeners: Listeners) -> None:
     client, server = two_pods

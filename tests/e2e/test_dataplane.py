@@ -221,6 +221,16 @@ def test_a_request_from_a_to_b_travels_both_sidecars_over_mutual_tls_and_b_learn
         "no TLS application data towards B's application port"
 
 
+def test_a_pod_calling_a_service_it_backs_itself_reaches_its_own_application_through_its_inbound_side(mesh):
+    # b's only endpoint is b-1: b-1's outbound proxy opens mutual TLS to its own address, which the init rules
+    # turn back into its inbound side (it would otherwise reach the application as TLS).
+    b = pod(mesh, "b-1")
+    answers = b.request(url(mesh, "b", "/self"), 3)
+    assert [a["status"] for a in answers] == [200, 200, 200], answers
+    assert {a["body"]["pod"] for a in answers} == {b.key}
+    assert answers[0]["body"]["headers"][CLIENT_ID_HEADER] == b.spiffe_id
+
+
 def test_strict_refuses_a_plain_client_outside_the_mesh_and_permissive_serves_it(mesh):
     outsider, a = pod(mesh, "outsider"), pod(mesh, "a-1")
     b, p = pod(mesh, "b-1"), pod(mesh, "p-1")

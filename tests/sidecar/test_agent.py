@@ -27,6 +27,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
+from actions.netns import HostNetwork
+from actions.netns import run as run_in_pod
 from actions.nodeagent import NodeAgent, SvidMaterial, endpoint_socket
 from catalog.subjects import inbox_prefix
 from sidecar.agent import (
@@ -37,6 +39,7 @@ from sidecar.agent import (
     SidecarError,
     SidecarSettings,
     _haproxy,
+    from_inside_pod,
     parse_app_probes,
 )
 from sidecar.haproxy import ProxyPaths, ProxyPorts
@@ -464,6 +467,48 @@ def test_the_shutdown_endpoint_drains_haproxy_then_stops_the_agent(rig: Rig) -> 
     assert proxy.drained == 3.0 and proxy.calls[-1] == "stop"
     with pytest.raises(OSError):
         get(agent, "/live")
+
+
+_FROM_POD = """
+import sys, urllib.error, urllib.request
+method, url = sys.argv[1], sys.argv[2]
+try:
+    with urllib.request.urlopen(urllib.request.Request(url, data=b"" if method == "POST" else None,
+                                                       method=method), timeout=10) as response:
+        print(response.status, response.read().decode().strip())
+except urllib.error.HTTPError as exc:
+    print(exc.code, exc.read().decode().strip())
+"""
+
+
+@pytest.mark.integration
+def test_a_shutdown_from_outside_the_pod_is_refused_and_the_agent_keeps_running(
+        rig: Rig, host_network: HostNetwork) -> None:
+    # The admin port listens on every address, as in a pod; the client is another "pod" reaching it at the host's
+    # bridge address, so its address is not loopback.
+    agent = rig.agent(admin_host="0.0.0.0")
+    rig.issue()
+    assert rig.feed.deliver(1, {"n": 1})
+    outsider = host_network.add_pod("outsider")
+    base = f"http://{host_network.gateway}:{agent.admin_port}"
+
+    for path in ("/shutdown", "/quitquitquit"):
+        status, body = run_in_pod(outsider, [sys.executable, "-c", _FROM_POD, "POST", base + path]).stdout.split(
+            " ", 1)
+        assert status == "403"
+        assert json.loads(body) == {"error": f"{path} is served only from inside the pod (loopback), not to "
+                                             f"{outsider.ip}"}
+    assert run_in_pod(outsider, [sys.executable, "-c", _FROM_POD, "GET", base + "/live"]).stdout.startswith("200 ")
+    assert not agent.wait(0) and rig.proxy.calls[-1] != "stop" and not rig.feed.stopped
+    assert get(agent, "/ready")[0] == 200  # not draining
+
+
+@pytest.mark.parametrize(("host", "inside"), [
+    ("127.0.0.1", True), ("127.3.2.1", True), ("::1", True), ("::ffff:127.0.0.1", True),
+    ("10.0.0.5", False), ("192.0.2.2", False), ("::ffff:10.0.0.5", False), ("fe80::1%eth0", False), ("", False),
+])
+def test_only_a_loopback_client_counts_as_inside_the_pod(host: str, inside: bool) -> None:
+    assert from_inside_pod(host) is inside
 
 
 def test_stop_drains_once_and_a_second_stop_waits_for_the_first(rig: Rig) -> None:

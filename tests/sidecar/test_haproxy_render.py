@@ -82,6 +82,8 @@ def _cases() -> dict[str, tuple[dict[str, Any], list[dict[str, Any]]]]:
             shards=[shard("shop", _api())], mtls="strict", access="deny", lb="least_conn"), [shard("shop", _api())]),
         "permissive-allow": (document(inbound=[inbound_port(8080, allow_all=True)], shards=[shard("shop", _api())],
                                       mtls="permissive", access="allow"), [shard("shop", _api())]),
+        "permissive-deny": (document(inbound=[inbound_port(8080, sources=[Grant(WEB, (READ,))])],
+                                     mtls="permissive", access="deny", body="64k"), []),
         "off": (document(inbound=[inbound_port(8080, allow_all=True), inbound_port(5432, "tcp", allow_all=True)],
                          shards=[shard("shop", _api()), plain_shard], mtls="off", access="allow",
                          log_format="json"), [shard("shop", _api()), plain_shard]),

@@ -187,6 +187,51 @@ def test_permissive_mode_in_deny_mode_refuses_plain_text_which_has_no_identity(
         app.close()
 
 
+class _OwnTlsApp(App):
+    """The application serving HTTPS itself, under a certificate of its own CA (not the mesh's)."""
+
+    def __init__(self, host: str, port: int, context: ssl.SSLContext) -> None:
+        self.context = context
+        super().__init__("own-tls", host, port)
+
+    def get_request(self) -> tuple[Any, Any]:
+        conn, address = super().get_request()
+        conn.settimeout(10)
+        return self.context.wrap_socket(conn, server_side=True), address
+
+
+def _own_tls(certs: Path, port: int) -> tuple[_OwnTlsApp, ssl.SSLContext]:
+    """The application with its own TLS, and a client outside the mesh: trusts that CA, no certificate, no
+    `meshloom` ALPN."""
+    own = Authority.root("the application's own CA")
+    cert = make_svid(own, sid("shop", "app"), certs / "own", dns="app.example")
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert.cert_file, cert.key_file)
+    return _OwnTlsApp("127.0.0.1", port, server_ctx), client_context(None, bundle(own), alpn=("http/1.1",))
+
+
+def test_permissive_mode_in_deny_mode_refuses_tls_that_is_not_the_meshs_rather_than_pass_it_to_the_application(
+        proxies: Proxies, root: Authority, certs: Path, port: int) -> None:
+    app, outsider = _own_tls(certs, port)
+    try:
+        _inbound(proxies, root, certs, port, [inbound_port(port, sources=[Grant(WEB, None)])], mtls="permissive")
+        assert refused("127.0.0.2", port, context=outsider) is not None
+        assert app.requests == 0  # it never reached the application, whose TLS would have skipped every rule
+    finally:
+        app.close()
+
+
+def test_permissive_mode_in_allow_mode_still_passes_the_applications_own_tls_through(
+        proxies: Proxies, root: Authority, certs: Path, port: int) -> None:
+    app, outsider = _own_tls(certs, port)
+    try:
+        _inbound(proxies, root, certs, port, [inbound_port(port, allow_all=True)], mtls="permissive", access="allow")
+        answer = request("127.0.0.2", port, "/own", context=outsider)
+        assert answer.status == 200 and answer.body["app"] == "own-tls" and app.requests == 1
+    finally:
+        app.close()
+
+
 def test_mtls_off_serves_plain_text_and_still_accepts_a_peer_that_speaks_mesh_tls(
         proxies: Proxies, root: Authority, certs: Path, port: int) -> None:
     app = App("app", "127.0.0.1", port)
