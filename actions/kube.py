@@ -11,6 +11,7 @@ resourceVersion with bookmarks on, remembering the resourceVersion of every even
         ^                         ^                                                      |
         |                         +------ watch again from the last rv ------------------+  (nothing is lost: the
         |                         +------ connection broke: back off, watch again -------+   server replays from rv)
+        |                         +------ ended with no event at all: back off too ------+
         +------ 410 Gone (an HTTP status or an ERROR event): the history is gone --------+
 
 After a 410 the server cannot replay what happened since the last resourceVersion, so the reflector lists again and
@@ -27,8 +28,9 @@ paged lists, watches that replay, compaction that answers 410, connections that 
 replica takes the Lease when nobody holds it or when the holder has not renewed it for `lease_duration` *as this
 replica observed it* (its own clock, never the holder's timestamps, so clock skew between nodes cannot elect two
 leaders); every write carries the resourceVersion it read, so two replicas racing for an expired Lease cannot both
-win. The leader renews every `retry_period`; if it cannot renew for `renew_deadline` (shorter than the lease
-duration, so it stops acting before anyone else may start) it gives up leadership. A leader that stops releases the
+win. The leader renews every `retry_period`, also while its start (`on_started_leading`, in a thread of its own)
+is still running; if it cannot renew for `renew_deadline` (shorter than the lease duration, so it stops acting
+before anyone else may start) it gives up leadership. A leader that stops releases the
 Lease, so the next one takes over at its next try instead of after the lease duration.
 
 **The platform.** On Kubernetes the admission webhook injects the sidecar before the pod exists, so `inject` only
@@ -171,7 +173,7 @@ class KubeApi(Protocol):
 
     def request(self, method: str, path: str, *, query: Sequence[tuple[str, str]] = (),
                 body: Mapping[str, Any] | Sequence[Any] | None = None,
-                content_type: str = "application/json") -> Any: ...
+                content_type: str = "application/json", timeout: float | None = None) -> Any: ...
 
     def watch(self, path: str, query: Sequence[tuple[str, str]], timeout: float) -> WatchStream: ...
 
@@ -226,10 +228,10 @@ class ClientApi:
 
     def request(self, method: str, path: str, *, query: Sequence[tuple[str, str]] = (),
                 body: Mapping[str, Any] | Sequence[Any] | None = None,
-                content_type: str = "application/json") -> Any:
+                content_type: str = "application/json", timeout: float | None = None) -> Any:
         import urllib3
 
-        raw = self._send(method, path, query, body, content_type, self.timeout)
+        raw = self._send(method, path, query, body, content_type, self.timeout if timeout is None else timeout)
         try:
             data = raw.data
         except (urllib3.exceptions.HTTPError, OSError) as exc:
@@ -380,6 +382,14 @@ class Reflector:
                     attempt = 0
                 if self._watch():
                     attempt = 0
+                elif not self._stop.is_set():
+                    # Ended without a single event (not even a bookmark): a proxy that closes watches at once
+                    # would make every reflector spin on the API server, so the next watch waits, as after an error.
+                    delay = self.backoff.delay(attempt, self._rand.random())
+                    attempt += 1
+                    log.info("%s: the watch ended without an event; watching again in %.1f s", self.what.plural,
+                             delay)
+                    self._sleep(delay, self._stop)
             except Expired as exc:
                 # The history is gone: only a fresh list tells what the world is now. No wait: the server is fine.
                 log.info("%s: %s; listing again", self.what.plural, exc)
@@ -616,7 +626,11 @@ class FakeLease:
 
 
 class LeaderElector:
-    """Compete for a Lease; `on_started_leading` / `on_stopped_leading` run in the elector's thread."""
+    """Compete for a Lease. `on_stopped_leading` runs in the elector's thread; `on_started_leading` in a thread of
+    its own, for the Lease to be renewed while a slow start (the control plane's CA, NATS, outbox recovery) runs:
+    a start that outlasted the lease duration would otherwise let another replica lead while this one still acts.
+    `leading` turns False as soon as the Lease is lost, so a start can check it and give up; `on_stopped_leading`
+    runs only once the start has returned, to stop whatever it started."""
 
     def __init__(self, lease: LeaseStore, identity: str, *, clock: Clock | None = None,
                  lease_duration: float = 15.0, renew_deadline: float = 10.0, retry_period: float = 2.0,
@@ -664,7 +678,9 @@ class LeaderElector:
                 continue
             self.leading = True
             log.info("%s leads (lease held until renewal fails for %.0f s)", self.identity, self.renew_deadline)
-            self._call(self.on_started_leading, "on_started_leading")
+            starting = threading.Thread(target=self._call, args=(self.on_started_leading, "on_started_leading"),
+                                        name="meshloom-leader-start", daemon=True)
+            starting.start()
             renewed = self.clock.now()
             while not self._stop.is_set():
                 self._sleep(self.retry_period, self._stop)
@@ -677,6 +693,7 @@ class LeaderElector:
                     log.warning("%s lost the lease (now held by %s)", self.identity, self.holder or "nobody")
                     break
             self.leading = False
+            starting.join()  # what the start brought up is stopped only once it is all up
             self._call(self.on_stopped_leading, "on_stopped_leading")
             if self._stop.is_set():
                 self.release()
@@ -777,6 +794,22 @@ class KubePlatform:
 
     def teardown(self, pod: str) -> None:
         """Nothing of the mesh's lives on the node for a pod: the kubelet removes its containers."""
+
+
+def namespace_labels(api: KubeApi, name: str, timeout: float = 2.0) -> dict[str, str] | None:
+    """A Namespace's labels read from the API server (the webhook's fallback for a namespace its watch has not
+    delivered yet); None when it does not exist or cannot be read within `timeout` seconds."""
+    try:
+        obj = api.request("GET", f"/api/v1/namespaces/{quote(name)}", timeout=timeout)
+    except ApiError as exc:
+        if exc.status != 404:
+            log.warning("namespace %s: its labels cannot be read: %s", name, exc)
+        return None
+    except KubeError as exc:
+        log.warning("namespace %s: its labels cannot be read: %s", name, exc)
+        return None
+    labels = meta(obj).get("labels")
+    return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, Mapping) else {}
 
 
 # ---- what the controller writes ----------------------------------------------------------------------------------
@@ -949,7 +982,7 @@ class FakeKube:
     # -- KubeApi -----------------------------------------------------------------------------------------------------
     def request(self, method: str, path: str, *, query: Sequence[tuple[str, str]] = (),
                 body: Mapping[str, Any] | Sequence[Any] | None = None,
-                content_type: str = "application/json") -> Any:
+                content_type: str = "application/json", timeout: float | None = None) -> Any:
         self.requests.append((method, path))
         if self.unreachable:
             raise Unreachable(f"{method} {path}: connection refused by the fake")

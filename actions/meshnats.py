@@ -65,6 +65,10 @@ class MeshNats:
         _write(self.bundle, _pem_der(roots))
         self.server = NatsServer(workdir, cert=self.cert, key=self.key, ca=self.bundle, control_plane=self.identity,
                                  host=host, port=port)
+        # Whether this server starts with an empty JetStream store (a first start, or on Kubernetes a new leader's
+        # pod): then nothing an earlier server published is there for sidecars to read.
+        store = workdir / "jetstream"
+        self.fresh = not store.is_dir() or not any(store.iterdir())
         self.server.start()
         self.publisher = NatsConfigPublisher(self.server.url, self._context(), on_ack,
                                              inbox=inbox_prefix(self.identity), tls_hostname=SERVER_NAME)

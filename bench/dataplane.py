@@ -69,6 +69,7 @@ from bench.facts import machine, version, write_results
 
 NS = "bench"
 TARGET_ADDED_P99_MS = 1.0  # at 1,000 requests/s, through two sidecars with mutual TLS
+TARGET_SIDECAR_MIB = 60.0  # one sidecar's memory: the agent plus its HAProxy
 FIXED_RATE = 1000.0
 ROUNDS = 3
 FULL = {"seconds": 8.0, "fixed_seconds": 4.0, "fixed_repeats": 3}
@@ -347,7 +348,7 @@ def cost_figures(rounds: list[dict[str, Any]]) -> dict[str, Any]:
                 _median([v["cpu_percent_of_a_core_per_1000_rps"] for v in values]), "% of one core per 1,000 rps")
             out[f"{side}_{part}_rss"] = figure(_median([v["rss_mib"] for v in values]), "MiB")
         out[f"{side}_sidecar_rss"] = figure(out[f"{side}_agent_rss"]["value"] + out[f"{side}_haproxy_rss"]["value"],
-                                            "MiB")
+                                            "MiB", TARGET_SIDECAR_MIB, higher_is_better=False)
         out[f"{side}_sidecar_cpu"] = figure(out[f"{side}_agent_cpu"]["value"] + out[f"{side}_haproxy_cpu"]["value"],
                                             "% of one core per 1,000 rps")
     return out
@@ -377,7 +378,8 @@ def summary(doc: dict[str, Any]) -> str:
         lines.append(f"  {side} sidecar at 1,000 req/s: CPU {c[f'{side}_sidecar_cpu']['value']:.1f} % of a core "
                      f"(agent {c[f'{side}_agent_cpu']['value']:.1f}, HAProxy {c[f'{side}_haproxy_cpu']['value']:.1f})"
                      f"   RSS {c[f'{side}_sidecar_rss']['value']:.1f} MiB (agent {c[f'{side}_agent_rss']['value']:.1f},"
-                     f" HAProxy {c[f'{side}_haproxy_rss']['value']:.1f})")
+                     f" HAProxy {c[f'{side}_haproxy_rss']['value']:.1f}; target < {TARGET_SIDECAR_MIB:g}: "
+                     f"{'ok' if c[f'{side}_sidecar_rss']['met'] else 'MISSED'})")
     return "\n".join(lines)
 
 
@@ -406,7 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": sizes | {"close_seconds": CLOSE_SECONDS, "keepalive_connections": KEEPALIVE_CONNECTIONS,
                           "close_connections": CLOSE_CONNECTIONS,
                           "fixed_rate": FIXED_RATE},
-        "targets": {"added_p99_at_1000_rps": figure(TARGET_ADDED_P99_MS, "ms")},
+        "targets": {"added_p99_at_1000_rps": figure(TARGET_ADDED_P99_MS, "ms"),
+                    "sidecar_rss": figure(TARGET_SIDECAR_MIB, "MiB")},
         "method": __doc__.split("What is measured", 1)[1].strip().lstrip("-").strip(),
         "figures": {"keepalive": throughput_figures(rounds, "keepalive"),
                     "new_connection": throughput_figures(rounds, "new_connection"),

@@ -76,6 +76,7 @@ class PodFacts:
     ip: str
     ready: bool
     deleting: bool
+    uid: str = ""  # metadata.uid: tells a pod created again under the same name from the one before it
 
 
 def pod_facts(obj: Mapping[str, Any]) -> PodFacts | None:
@@ -97,18 +98,22 @@ def pod_facts(obj: Mapping[str, Any]) -> PodFacts | None:
         ip=str(status.get("podIP") or ""),
         ready=ready,
         deleting=bool(m.get("deletionTimestamp")),
+        uid=str(m.get("uid") or ""),
     )
 
 
 Trigger = tuple[str, dict[str, Any]]
 
 
-def pod_trigger(key: str, state: str | None, facts: PodFacts | None) -> Trigger | None:
+def pod_trigger(key: str, state: str | None, facts: PodFacts | None, admitted_uid: str = "") -> Trigger | None:
     """The one trigger that brings a pod's machine closer to what the platform says; None: nothing to do now.
 
         machine state                 | platform says                    | trigger
         ------------------------------+----------------------------------+-----------------------------------------
-        none, or gone                 | meshed pod, not being deleted    | admit (namespace, name, account, labels)
+        none, or gone                 | meshed pod, not being deleted    | admit (namespace, name, account, labels,
+                                      |                                  |  uid)
+        any live state, or failed     | a pod of another uid than the    | terminate
+                                      |  one admitted                    |
         injected                      | placed: node and IP              | schedule (node, ip)
         config-synced                 | Ready condition True             | ready
         any live state, or failed     | deletion requested, or pod gone  | terminate
@@ -118,7 +123,10 @@ def pod_trigger(key: str, state: str | None, facts: PodFacts | None) -> Trigger 
 
     `injected` is not the platform's to say: it is the outcome of the InjectSidecar effect (`KubePlatform.inject`).
     A meshed pod whose machine is `gone` was created again under the same name (a StatefulSet's pod): it is
-    admitted again, and its life starts over.
+    admitted again, and its life starts over. So is one whose DELETED and new ADDED came in one batch (or which a
+    new leader's first list shows already re-created): `admitted_uid`, the uid the machine was admitted with, differs
+    from the pod's, so the old incarnation is terminated first (its certificate revoked), then it is `gone` and the
+    new one is admitted. A machine admitted without a uid (`""`) is not judged by it.
     """
     if facts is None:
         if state in (*LIVE, "failed"):
@@ -130,10 +138,15 @@ def pod_trigger(key: str, state: str | None, facts: PodFacts | None) -> Trigger 
         if state in (*LIVE, "failed"):
             return ("terminate", {"reason": "the pod's deletion was requested"})
         return None
+    if state in (*LIVE, "failed") and facts.uid and admitted_uid and facts.uid != admitted_uid:
+        return ("terminate", {"reason": "the pod was created again under its name (another uid)"})
     if state is None or state == "gone":
         namespace, _, name = key.partition("/")
-        return ("admit", {"namespace": namespace, "name": name, "service_account": facts.service_account,
-                          "labels": dict(facts.labels)})
+        payload: dict[str, Any] = {"namespace": namespace, "name": name, "service_account": facts.service_account,
+                                   "labels": dict(facts.labels)}
+        if facts.uid:
+            payload["uid"] = facts.uid
+        return ("admit", payload)
     if state == "injected" and facts.node and facts.ip:
         return ("schedule", {"node": facts.node, "ip": facts.ip})
     if state == "config-synced" and facts.ready:
@@ -146,7 +159,9 @@ def ahead_of_machine(state: str | None, facts: PodFacts | None) -> bool:
     drives): such a pod is looked at again soon, rather than at the next event, which may never come."""
     if facts is None or facts.deleting:
         return False
-    if state == "terminating":  # created again while the previous incarnation is still being taken out
+    if state in ("terminating", "gone"):
+        # Created again while the previous incarnation is (or was just) being taken out: a terminate for another
+        # uid reaches `gone` in the same pass, and the new incarnation's admission must not wait for the next event.
         return True
     if state == "admitted":
         return bool(facts.node and facts.ip)
@@ -340,9 +355,9 @@ class KubeWiring:
                     pods_listed = True
                     touched.update(self.pods)
                     self.pods = {}
-                elif event.kind == "Namespace":
-                    self.namespaces = {}
-                    self.namespaces_listed = True
+                # The namespaces' labels are read by the webhook's threads meanwhile: the relisted snapshot is built
+                # aside and put in place at once, so that no reader ever sees an empty or half-filled map.
+                namespaces: dict[str, dict[str, str]] = {}
                 for obj in event.items:
                     ref = _ref_of(event, obj)
                     listed.add(ref)
@@ -350,7 +365,10 @@ class KubeWiring:
                     if event.kind == "Pod":
                         self._see_pod(ref, obj, touched)
                     elif event.kind == "Namespace":
-                        self.namespaces[ref[2]] = _labels(obj)
+                        namespaces[ref[2]] = _labels(obj)
+                if event.kind == "Namespace":
+                    self.namespaces = namespaces
+                    self.namespaces_listed = True
                 continue
             ref = _ref_of(event, event.object)
             if event.type is EventType.DELETED:
@@ -546,7 +564,8 @@ class KubeWiring:
                 continue  # before the first list of pods, a pod not seen yet is not known to be gone
             if ahead_of_machine(state, facts):
                 self._waiting.add(key)
-            step = pod_trigger(key, state, facts)
+            admitted_uid = str(row.data.get("uid") or "") if row is not None else ""
+            step = pod_trigger(key, state, facts, admitted_uid)
             if step is None:
                 continue
             if step[0] == "admit":

@@ -34,7 +34,7 @@ from actions.platform import FakePodPlatform, PodPlatform
 from actions.vault import FileVault
 from engine import world
 from engine.core import Engine
-from engine.executor import BUNDLED, SERVING
+from engine.executor import BUNDLED, SERVING, publish_shards
 from engine.runtime import Runner, ensure_ca
 from machines import BadPayload, IllegalTrigger
 from store import Store
@@ -119,6 +119,11 @@ class ControlPlane:
                 log.exception("granting the NATS permissions of the sidecars already published failed")
             self.actions = Actions(self.ca, self.delivery, self.publisher, self.actions.platform, self.vault)
             self.engine.actions = self.actions
+            if self.nats.fresh:
+                try:
+                    self.republish()
+                except (ActionError, ValueError):  # those sidecars read their documents at the next change
+                    log.exception("publishing the documents again into a new NATS store failed")
         self._ack_thread = threading.Thread(target=self._commit_acks, name="meshloom-acks", daemon=True)
         self._ack_thread.start()
         self.redeliver()  # before the workers start: what they deliver next is newer, and must win
@@ -148,6 +153,22 @@ class ControlPlane:
         """The roots of the trust bundle as the CA generations make it up now."""
         gens = tuple(sorted(c.key for c in self.store.list("ca", states=BUNDLED)))
         return der_certificates(self.ca.trust_anchors(gens)) if gens else ()
+
+    def republish(self) -> int:
+        """Publish again, with the generation they were sent as, the documents (and their shards) an earlier NATS
+        server held: a server that starts with an empty store (on Kubernetes, a new leader's pod) would otherwise
+        leave a sidecar that restarts with nothing to read until its next change. A rollout with a newer
+        generation on its way is left to publish it. Returns how many documents."""
+        assert self.nats is not None
+        sent = {r.key: int(r.data.get("sent", 0)) for r in self.store.list("sidecar")
+                if r.state != "removed" and 0 < int(r.data.get("sent", 0)) == int(r.data.get("desired", 0))}
+        docs = self.store.documents(sorted(sent))
+        items = [(key, sent[key], doc.body.encode()) for key, doc in sorted(docs.items())]
+        if items:
+            publish_shards(self.engine, [doc.body for doc in docs.values()])
+            self.nats.publish_many(items)
+            log.info("published %d document(s) again into a new NATS store", len(items))
+        return len(items)
 
     def redeliver(self) -> int:
         """Give the node agent every serving SVID and the trust bundle again; returns how many SVIDs."""

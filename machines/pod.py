@@ -123,6 +123,8 @@ def _admit(ctx: Context) -> dict[str, object]:
         "name": ctx.payload.get("name", name),
         "service_account": ctx.payload.get("service_account", "default"),
         "labels": dict(ctx.payload.get("labels", {})),
+        # The platform's uid of this incarnation, when it has one: a pod created again under the name is told apart.
+        **({"uid": str(ctx.payload["uid"])} if ctx.payload.get("uid") else {}),
     }
 
 

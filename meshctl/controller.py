@@ -49,7 +49,6 @@ from actions.clock import Clock, SystemClock
 from actions.errors import ActionError
 from actions.kube import (
     WATCHED,
-    ApiError,
     ClientApi,
     KubeApi,
     KubeError,
@@ -58,6 +57,7 @@ from actions.kube import (
     LeaderElector,
     Reflector,
     Watched,
+    namespace_labels,
     patch_webhook_ca_bundle,
 )
 from actions.webhook import WebhookServer
@@ -71,6 +71,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshloom.controller")
 
 WEBHOOK_TTL = 24 * 3600.0  # the webhook's serving certificate; signed again at half its life
+NAMESPACE_READ_TIMEOUT = 2.0  # seconds for the webhook's read of a namespace it has not seen (its own timeout is 10)
 CHECK_EVERY = 60.0  # seconds between looks at the webhook's certificate and the caBundle
 LOST_LEADERSHIP = 1  # exit status when the Lease was lost: Kubernetes starts the replica again, as a follower
 
@@ -175,6 +176,8 @@ class Controller:
                                      clock=self.clock, platform=self.platform, nats=cfg.nats)
                 self.plane = plane
                 plane.start()
+                if self._lost_while_starting():
+                    return
                 if cfg.injection is not None:
                     self._start_webhook(plane, cfg.injection)
                 self._check_tls()
@@ -190,6 +193,8 @@ class Controller:
                 self.elector.request_stop()
                 self.on_lost()
                 return
+            if self._lost_while_starting():
+                return
             wiring = KubeWiring(plane.engine)
             self.wiring = wiring
             self._wiring_stop = threading.Event()
@@ -202,6 +207,15 @@ class Controller:
                 r.start()
             self.led += 1
             self.leading.set()
+
+    def _lost_while_starting(self) -> bool:
+        """The start runs beside the Lease's renewals (actions/kube.py `LeaderElector`): if the Lease was lost
+        meanwhile, nothing more is started; `on_stopped_leading`, which follows this start, stops what was."""
+        if self.elector is None or self.elector.leading:
+            return False
+        log.warning("controller %s: the Lease was lost while the control plane started; stopping",
+                    self.config.identity)
+        return True
 
     def _stop_leading(self) -> None:
         with self._lock:
@@ -284,17 +298,14 @@ class Controller:
         return tuple(sorted(c.key for c in plane.store.list("ca", states=BUNDLED)))
 
     def _namespace_labels(self, name: str) -> Mapping[str, str] | None:
+        """The labels the webhook decides by: the watch's, else (a Namespace created just before its pods, whose
+        event is still in the wiring's batch window) read from the API server, briefly; None: unknown."""
         wiring = self.wiring
         if wiring is not None and wiring.namespaces_listed:
-            return wiring.namespaces.get(name)
-        try:
-            ns = self.api.request("GET", f"/api/v1/namespaces/{name}")
-        except ApiError as exc:
-            if exc.status == 404:
-                return None
-            raise
-        labels = ns.get("metadata", {}).get("labels") or {}
-        return {str(k): str(v) for k, v in labels.items()}
+            labels = wiring.namespaces.get(name)
+            if labels is not None:
+                return labels
+        return namespace_labels(self.api, name, timeout=NAMESPACE_READ_TIMEOUT)
 
     # ---- for tests and the command's status line ---------------------------------------------------------------------
     @property

@@ -2,7 +2,8 @@
 
 `meshctl sidecar` and `meshctl init` run in every pod, so what they import is paid once per pod: they are
 dispatched here without loading the rest of the command line (the store and SQLAlchemy, the engine, the Kubernetes
-client), which would add about 30 MB to every sidecar. Everything else goes to `meshctl.cli`.
+client), which would add about 30 MB to every sidecar, nor nats-py's websocket transport (12 MB more). Everything
+else goes to `meshctl.cli`.
 """
 
 from __future__ import annotations
@@ -55,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] in ("sidecar", "init"):
         pod = typer.Typer(add_completion=False)
+        # nats-py loads aiohttp (about 12 MB) only for its websocket transport, which no pod uses (the sidecar
+        # speaks NATS over TLS); it is installed for the Kubernetes client. Blocked, nats-py goes without it.
+        sys.modules.setdefault("aiohttp", None)  # type: ignore[arg-type]
         if args[0] == "sidecar":
             from meshctl.sidecar import sidecar_command as command
         else:

@@ -25,6 +25,7 @@ from actions.kube import (
     Reflector,
     WatchEvent,
     carries_sidecar,
+    namespace_labels,
     patch_webhook_ca_bundle,
     pod_path,
 )
@@ -166,15 +167,53 @@ def test_bookmarks_move_the_resource_version_without_an_event(kube, watching):
     assert len(events) == 1
 
 
-def test_a_watch_the_server_ends_is_started_again_without_a_list_or_a_wait(kube, watching):
+def test_a_watch_the_server_ends_after_events_is_started_again_without_a_list_or_a_wait(kube, watching):
     reflector, events, sleeps = watching
     reflector.start()
     wait_for(lambda: kube.open_watches == 1, "the watch")
-    kube.end_watches()
-    wait_for(lambda: kube.watches == 2 and kube.open_watches == 1, "a second watch")
     kube.put(pod("a"))
     wait_for(lambda: len(events) == 2, "a")
+    kube.end_watches()
+    wait_for(lambda: kube.watches == 2 and kube.open_watches == 1, "a second watch")
+    kube.put(pod("b"))
+    wait_for(lambda: len(events) == 3, "b")
     assert kube.lists == 1 and sleeps.delays == []
+
+
+class ClosingProxy(FakeKube):
+    """A proxy in front of the API server that ends every watch at once, before any event, while `closing`."""
+
+    closing = True
+
+    def watch(self, path: str, query: Any, timeout: float) -> Any:
+        stream = super().watch(path, query, timeout)
+        if self.closing:
+            stream.close()
+        return stream
+
+
+def test_watches_that_end_at_once_without_an_event_are_started_again_after_a_growing_wait_reset_by_events():
+    kube, events, sleeps = ClosingProxy(), [], Sleeps()
+    reflector = Reflector(kube, POD, events.append, sleep=sleeps, rand=_Fixed(0.5))
+    try:
+        reflector.start()
+        wait_for(lambda: len(sleeps.delays) >= 4, "four waits between empty watches")
+        assert sleeps.delays[:4] == [0.8 * 1.25, 1.6 * 1.25, 3.2 * 1.25, 6.4 * 1.25]
+        kube.closing = False  # the proxy lets a watch through: events flow again
+        wait_for(lambda: kube.open_watches == 1, "a watch that stays open")
+        kube.put(pod("a"))
+        wait_for(lambda: len(events) == 2, "a")
+        waited = len(sleeps.delays)
+        kube.closing = True
+        kube.end_watches()
+        wait_for(lambda: len(sleeps.delays) > waited, "a wait after the next empty watch")
+        assert sleeps.delays[waited] == 0.8 * 1.25  # counted from the start again
+    finally:
+        reflector.stop()
+    # Every watch that brought nothing was followed by a wait: the only ones without are the one that delivered
+    # `a` and, maybe, the last (ended by the stop).
+    assert kube.watches <= len(sleeps.delays) + 2
+    assert kube.lists == 1
 
 
 def test_a_server_away_at_start_is_waited_for_with_growing_capped_backoff(kube, watching):
@@ -317,6 +356,63 @@ def test_a_leader_that_cannot_renew_within_its_deadline_stops_leading_and_a_stop
     assert lease.record is not None and lease.record.holder is None  # released on the way out
     c = elector(lease, "c", clock)
     assert c.try_acquire_or_renew()  # at once: no lease duration to wait out
+
+
+def test_the_lease_is_renewed_while_a_slow_start_runs_and_a_start_that_outlived_it_is_stopped_after_it():
+    lease, clock = FakeLease(), FakeClock()
+    calls: list[str] = []
+    renewed_during_start: list[bool] = []
+    lost_during_start: list[bool] = []
+    acquired = threading.Event()
+
+    def renewed_three_times() -> bool:
+        record = lease.record
+        return record is not None and record.renew_time is not None and record.acquire_time is not None and \
+            (record.renew_time - record.acquire_time).total_seconds() >= 6
+
+    def slow_start() -> None:  # the control plane's start: returns once three renewals happened meanwhile (bounded)
+        acquired.set()
+        calls.append("started")
+        renewed_during_start.append(_holds_within(renewed_three_times))
+        lease.fail = True  # then the API server goes away for longer than the renew deadline
+        lost_during_start.append(_holds_within(lambda: not a.leading))
+        calls.append("start returned")
+
+    def sleep(seconds: float, stop: threading.Event) -> None:
+        clock.advance(seconds)
+        stop.wait(0.01)
+
+    a = elector(lease, "a", clock, sleep=sleep, on_started_leading=slow_start,
+                on_stopped_leading=lambda: (calls.append("stopped"), a.request_stop()))
+    a.start()
+    try:
+        assert acquired.wait(BOUND)
+        wait_for(lambda: "stopped" in calls, "the end of the term")
+    finally:
+        a.stop()
+    assert renewed_during_start == [True]
+    assert lost_during_start == [True]  # the start can see it and give up
+    assert calls == ["started", "start returned", "stopped"]  # what it started is stopped once it is all up
+
+
+def _holds_within(condition: Callable[[], bool]) -> bool:
+    pause = threading.Event()
+    for _ in range(int(BOUND / 0.01)):
+        if condition():
+            return True
+        pause.wait(0.01)
+    return False
+
+
+def test_a_namespace_is_read_from_the_server_with_a_short_timeout_and_unknown_on_any_error(kube):
+    kube.docs["/api/v1/namespaces/shop"] = {"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": "shop", "labels": {"injector.nsm.nginx.com/auto-inject": "enabled"}}}
+    kube.docs["/api/v1/namespaces/bare"] = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "bare"}}
+    assert namespace_labels(kube, "shop") == {"injector.nsm.nginx.com/auto-inject": "enabled"}
+    assert namespace_labels(kube, "bare") == {}
+    assert namespace_labels(kube, "missing") is None
+    kube.unreachable = True
+    assert namespace_labels(kube, "shop") is None
 
 
 def test_leader_election_timings_must_nest():

@@ -6,9 +6,11 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import select
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
@@ -191,6 +193,84 @@ def test_a_silent_client_blocks_nobody_and_is_dropped_after_the_timeout(pki: Pki
             assert silent.recv(1) == b""  # the server hung up on it (recv waits at most the socket's 10 s)
         finally:
             silent.close()
+
+
+def wait_until(condition: Callable[[], bool], what: str, bound: float = 10.0) -> None:
+    """Poll `condition` until true, failing after `bound` seconds."""
+    ends = time.monotonic() + bound
+    while not condition():
+        assert time.monotonic() < ends, f"not within {bound} s: {what}"
+        time.sleep(0.01)
+
+
+def test_connections_beyond_the_cap_are_closed_at_once_and_served_again_once_others_end(pki: Pki) -> None:
+    cert, key = pki.serving()
+    handler = partial(admission_response, values=VALUES, namespace_labels={"shop": ENABLED})
+    # An hour of both timeouts: only the cap can make the server let go of the third connection.
+    with WebhookServer(handler, cert, key, port=0, io_timeout=3600.0, request_deadline=3600.0,
+                       max_connections=2) as server:
+        stalled = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
+        try:
+            wait_until(lambda: server.connections == 2, "both stalled connections being served")
+            with socket.create_connection(("127.0.0.1", server.port), timeout=10) as third:
+                assert third.recv(1) == b""  # hung up on, not queued (a queued one would time out after 10 s)
+            assert server.refused == 1 and server.connections == 2
+        finally:
+            for sock in stalled:
+                sock.close()
+        wait_until(lambda: server.connections == 0, "the stalled connections ending")
+        status, answer = post(connect(server, pki.client()), json.dumps(review(POD)).encode())
+        assert status == 200 and answer["response"]["allowed"] is True
+
+
+def trickle(sock: ssl.SSLSocket, data: bytes, bound: float = 30.0) -> None:
+    """Send `data` a byte at a time, 50 ms apart, until the server answers or hangs up (within `bound` s)."""
+    ends = time.monotonic() + bound
+    for byte in data:
+        assert time.monotonic() < ends, f"the server still waits after {bound} s of trickling"
+        try:
+            sock.sendall(bytes([byte]))
+        except OSError:  # it hung up
+            return
+        if select.select([sock], [], [], 0.05)[0]:  # it answered, or hung up: the wait between two bytes
+            return
+    pytest.fail(f"all {len(data)} bytes sent and no answer")
+
+
+def test_a_body_trickled_past_the_request_deadline_is_cut_off_with_a_408(pki: Pki, served: list[Served]) -> None:
+    cert, key = pki.serving()
+    handler = partial(admission_response, values=VALUES, namespace_labels={})
+    # Each byte comes well within io_timeout: only the request's deadline, counted as a whole, can end this.
+    with WebhookServer(handler, cert, key, port=0, io_timeout=3600.0, request_deadline=0.5,
+                       on_request=served.append) as server:
+        raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        with pki.client().wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"POST /inject HTTP/1.1\r\nHost: webhook\r\nContent-Length: 8000000\r\n\r\n")
+            trickle(tls, b"{" * 100_000)
+            response = http.client.HTTPResponse(tls)
+            response.begin()
+            body = json.loads(response.read())
+            assert response.status == 408 and body["code"] == 408
+            assert "of 8000000 bytes arrived within 0.5 s" in body["message"]
+            assert response.getheader("Connection") == "close"
+            assert tls.recv(1) == b""
+        assert served[-1].status == 408
+        status, _ = post(connect(server, pki.client()), json.dumps(review(POD)).encode())  # the server carries on
+        assert status == 200
+
+
+def test_headers_trickled_past_the_request_deadline_end_the_connection(pki: Pki) -> None:
+    cert, key = pki.serving()
+    handler = partial(admission_response, values=VALUES, namespace_labels={})
+    with WebhookServer(handler, cert, key, port=0, io_timeout=3600.0, request_deadline=0.5) as server:
+        raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        with pki.client().wrap_socket(raw, server_hostname="localhost") as tls:
+            trickle(tls, b"POST /inject HTTP/1.1\r\n" + b"X-Slow: a\r\n" * 10_000)
+            try:
+                assert tls.recv(1) == b""
+            except (ConnectionResetError, ssl.SSLError):  # a byte the server never read: a reset
+                pass
+        wait_until(lambda: server.connections == 0, "the trickling connection being let go")
 
 
 def test_stop_ends_open_connections_at_once(pki: Pki) -> None:

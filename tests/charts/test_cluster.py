@@ -120,8 +120,10 @@ def test_the_controller_may_update_its_own_webhook_configuration_and_no_other(re
     assert can("update", "mutatingwebhookconfigurations/meshloom-injector")
     assert not can("update", "mutatingwebhookconfigurations/someone-elses")
     assert not can("delete", "mutatingwebhookconfigurations/meshloom-injector")
-    assert can("patch", "pods", "-n", "default") and can("watch", "trafficsplits.split.smi-spec.io", "-A")
-    assert not can("delete", "pods", "-n", "default")
+    assert can("watch", "pods", "-A") and can("watch", "trafficsplits.split.smi-spec.io", "-A")
+    assert not can("patch", "pods", "-n", "default") and not can("delete", "pods", "-n", "default")
+    assert not can("create", "events", "-n", "default") and not can("patch", "events", "-n", "default")
+    assert not can("create", "events.events.k8s.io", "-n", "default")
     assert can("update", "leases/meshloom-controller", "-n", release.namespace)
     assert not can("create", "secrets", "-n", release.namespace) and not can("get", "secrets", "-n", "default")
     node_agent = f"--as=system:serviceaccount:{release.namespace}:meshloom-node-agent"

@@ -63,8 +63,10 @@ def rig(sqlite_url: str) -> Iterator[Rig]:
 
 
 def meshed_pod(name: str = "web-1", ns: str = "shop", *, node: str = "", ip: str = "", ready: bool | None = None,
-               deleting: bool = False, account: str = "web") -> dict[str, Any]:
+               deleting: bool = False, account: str = "web", uid: str = "") -> dict[str, Any]:
     doc = t.pod(ns, name, {"app": "web", "meshloom.io/injected": "true"}, account, ip or None, t.HTTP_8080)
+    if uid:
+        doc["metadata"]["uid"] = uid
     doc["metadata"]["annotations"] = {"meshloom.io/injected": "true"}
     doc["metadata"]["resourceVersion"] = "7"
     doc["metadata"]["managedFields"] = [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}]
@@ -311,11 +313,35 @@ def test_the_trigger_a_pod_gets_follows_from_its_state_and_what_the_platform_say
         assert got == expected
 
 
+NEW = dataclasses.replace(READY, uid="uid-2")
+
+
+@pytest.mark.parametrize(("state", "facts", "admitted_uid", "expected"), [
+    ("ready", NEW, "uid-1", "terminate"),  # another incarnation under the name: the old one is taken out first
+    ("injected", dataclasses.replace(PLACED, uid="uid-2"), "uid-1", "terminate"),
+    ("failed", NEW, "uid-1", "terminate"),
+    ("ready", NEW, "uid-2", None),
+    ("ready", NEW, "", None),  # admitted before uids were kept: not judged by it
+    ("ready", READY, "uid-1", None),  # a pod without a uid (hand-made): not judged by it
+    ("terminating", NEW, "uid-1", None),  # already going
+    ("gone", NEW, "uid-1", ("admit", {"namespace": "shop", "name": "web-1", "service_account": "web",
+                                      "labels": {"app": "web"}, "uid": "uid-2"})),
+])
+def test_a_pod_of_another_uid_than_its_machine_was_admitted_with_is_terminated_then_admitted_again(
+        state, facts, admitted_uid, expected):
+    got = pod_trigger(KEY, state, facts, admitted_uid)
+    if isinstance(expected, str):
+        assert got is not None and got[0] == expected
+    else:
+        assert got == expected
+
+
 @pytest.mark.parametrize(("state", "facts", "ahead"), [
     ("admitted", PLACED, True), ("admitted", FACTS, False), ("identity-issued", READY, True),
     ("sidecar-connected", READY, True), ("identity-issued", PLACED, False), ("config-synced", READY, False),
     ("ready", DELETING, False), ("scheduled", None, False),
     ("terminating", FACTS, True), ("terminating", None, False), ("terminating", DELETING, False),
+    ("gone", FACTS, True), ("gone", None, False), ("gone", DELETING, False),
 ])
 def test_a_pod_is_looked_at_again_when_the_platform_is_ahead_of_its_machine(state, facts, ahead):
     assert ahead_of_machine(state, facts) is ahead
@@ -462,6 +488,51 @@ def test_the_platform_confirms_injection_only_of_pods_the_watch_saw_injected(rig
     assert rig.wiring.knows("shop/web-1") is None
     rig.wiring.process([event(EventType.ADDED, meshed_pod())])
     assert rig.wiring.knows("shop/web-1") is True
+
+
+def test_a_pod_deleted_and_created_again_in_one_batch_is_readmitted_with_its_new_uid_and_its_old_cert_revoked(rig):
+    listed(rig)
+    first = meshed_pod(node="node-1", ip="10.0.1.1", uid="uid-1")
+    rig.wiring.process([event(EventType.ADDED, first)])
+    rig.connect_and_sync()
+    rig.wiring.process([event(EventType.MODIFIED, meshed_pod(node="node-1", ip="10.0.1.1", ready=True, uid="uid-1"))])
+    assert rig.state() == "ready"
+    assert rig.store.get("pod", KEY).data["uid"] == "uid-1"  # type: ignore[union-attr]
+
+    # DELETED and the new ADDED in one batch: the last word on the pod is the new incarnation, on another node.
+    rig.wiring.process([event(EventType.DELETED, meshed_pod(node="node-1", ip="10.0.1.1", ready=True, uid="uid-1")),
+                        event(EventType.ADDED, meshed_pod(node="node-2", ip="10.0.2.2", uid="uid-2"))])
+    assert rig.state() == "gone"  # the old incarnation taken out at once; the new one waits for the next look
+    rig.wiring.retry_waiting()  # what the consumer loop does every second
+    assert rig.state() == "identity-issued"
+    pod = rig.store.get("pod", KEY)
+    assert pod is not None
+    assert (pod.data["uid"], pod.data["node"], pod.data["ip"]) == ("uid-2", "node-2", "10.0.2.2")
+    assert ("ready", "terminating") in [(j.from_state, j.to_state) for j in rig.store.journal("pod", KEY)]
+    certs = {c.key: c for c in rig.store.list("cert", key_prefix=f"{KEY}/")}
+    assert certs[f"{KEY}/1"].state == "revoked"
+    assert pod.data["cert"] == f"{KEY}/2"
+
+
+def test_a_namespace_relist_never_shows_the_webhook_an_empty_or_partial_map(rig, monkeypatch):
+    import engine.kube as kube_module
+
+    namespace = {"apiVersion": "v1", "kind": "Namespace"}
+    rig.wiring.process([snapshot("Namespace", *({**namespace, "metadata": {"name": n, "labels": {"n": n}}}
+                                                for n in ("a", "b", "c")))])
+    assert rig.wiring.namespaces == {"a": {"n": "a"}, "b": {"n": "b"}, "c": {"n": "c"}}
+    seen: list[dict[str, dict[str, str]]] = []
+    labels = kube_module._labels
+
+    def reading(obj: Any) -> dict[str, str]:
+        seen.append(dict(rig.wiring.namespaces))  # what a webhook thread would read while the relist is built
+        return labels(obj)
+
+    monkeypatch.setattr(kube_module, "_labels", reading)
+    rig.wiring.process([snapshot("Namespace", *({**namespace, "metadata": {"name": n, "labels": {"n": n + "2"}}}
+                                                for n in ("a", "b", "d")))])
+    assert seen and all(s == {"a": {"n": "a"}, "b": {"n": "b"}, "c": {"n": "c"}} for s in seen)
+    assert rig.wiring.namespaces == {"a": {"n": "a2"}, "b": {"n": "b2"}, "d": {"n": "d2"}}
 
 
 def _wait(condition: Any, bound: float = 5.0) -> bool:

@@ -224,3 +224,43 @@ def test_after_a_ca_rotation_a_sidecar_with_a_new_generation_svid_still_gets_its
         eventually(lambda: status(plane, WEB)[0] == "synced", "a sidecar of the new generation never synced")
     finally:
         web.stop()
+
+
+def test_a_control_plane_whose_nats_store_is_new_publishes_every_synced_document_again(tmp_path):
+    # On Kubernetes a new leader starts NATS in a pod of its own, with an empty JetStream store: a sidecar that
+    # restarts then must still read its document, without waiting for the next change of the world.
+    import shutil
+
+    url = sqlite_url(tmp_path)
+    migrate.upgrade(url)
+    store = Store(url)
+    config = PlaneConfig(tmp_path, tick_seconds=0.05, world_poll=0.05)
+    first = ControlPlane(store, config)
+    first.start()
+    try:
+        apply(first, topology.manifests())
+        eventually(lambda: first.store.document(WEB) is not None, "the world was never rendered")
+        first.engine.fire("sidecar", WEB, "register", {"owner": WEB}, actor="test")
+        car = Sidecar(first, WEB, tmp_path / "web")
+        car.start()
+        eventually(lambda: status(first, WEB)[0] == "synced", "web never synced")
+        generation = status(first, WEB)[1]
+        car.stop()
+    finally:
+        first.stop()
+    shutil.rmtree(tmp_path / "nats" / "jetstream")  # the new leader's pod: nothing of the old store
+
+    second = ControlPlane(store, config)
+    second.start()
+    try:
+        assert second.nats is not None and second.nats.fresh
+        again = Sidecar(second, WEB, tmp_path / "web-again")
+        again.start()
+        eventually(lambda: bool(again.applied), "the restarted sidecar found nothing to read")
+        doc, shards = again.applied[-1]
+        assert doc["sidecar"] == WEB and set(shards) == {"shop", "pay", "legacy"}
+        assert status(second, WEB) == ("synced", generation, generation)  # no new generation was needed
+        again.stop()
+    finally:
+        second.stop()
+        store.close()

@@ -5,14 +5,17 @@ tests/integration/test_kube_controller.py.)"""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 import meshctl.controller as controller_module
+from actions.kube import FakeKube
 from catalog.inject import NATS_PORT, NATS_SERVER_NAME
 from meshctl.cli import main
-from meshctl.controller import ControllerConfig
+from meshctl.controller import Controller, ControllerConfig
+from store import Store
 
 
 @pytest.fixture
@@ -70,3 +73,25 @@ def test_a_nats_flag_that_cannot_work_is_one_line_and_exit_code_2(
         argv: tuple[str, ...], message: str) -> None:
     assert message in refused(capsys, "--state-dir", str(tmp_path), *argv)
     assert started == []
+
+
+def test_the_webhook_reads_a_namespace_its_watch_has_not_delivered_yet_from_the_api_server(
+        sqlite_url: str, tmp_path: Path) -> None:
+    kube = FakeKube()
+    kube.docs["/api/v1/namespaces/fresh"] = {"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": "fresh", "labels": {"injector.nsm.nginx.com/auto-inject": "enabled"}}}
+    store = Store(sqlite_url)
+    try:
+        controller = Controller(kube, store, ControllerConfig(tmp_path, leader_elect=False))
+        # The wiring has listed namespaces, but the new one's event is still in its batch window.
+        controller.wiring = SimpleNamespace(namespaces_listed=True,  # type: ignore[assignment]
+                                            namespaces={"old": {"team": "a"}})
+        assert controller._namespace_labels("old") == {"team": "a"}
+        assert kube.requests == []  # what the watch knows is not asked again
+        assert controller._namespace_labels("fresh") == {"injector.nsm.nginx.com/auto-inject": "enabled"}
+        assert kube.requests == [("GET", "/api/v1/namespaces/fresh")]
+        assert controller._namespace_labels("nowhere") is None
+        kube.unreachable = True
+        assert controller._namespace_labels("fresh") is None  # unknown, not an error the webhook answers with
+    finally:
+        store.close()
