@@ -63,6 +63,7 @@ from actions.kube import (
 from actions.webhook import WebhookServer
 from catalog.inject import NATS_PORT, NATS_SERVICE, InjectionValues, admission_response
 from engine.kube import KubeWiring, trim
+from meshctl import logs
 from store import Store
 
 if TYPE_CHECKING:
@@ -346,9 +347,7 @@ def run(*, kubeconfig: Path | None, db_url: str, config: ControllerConfig, log_l
     """The foreground command; returns its exit status."""
     from store import migrate
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s",
-                        stream=sys.stderr)
-    logging.getLogger("meshloom").setLevel(getattr(logging, log_level.upper(), logging.INFO))
+    logs.setup(meshloom_level=getattr(logging, log_level.upper(), logging.INFO))
     # A world recomputation that outlasts its 100 ms interval is skipped, not queued: worth no warning each time.
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     try:

@@ -8,10 +8,8 @@ that cannot work is one line and exit code 2, before anything starts.
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
-import sys
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Annotated
@@ -19,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from catalog.inject import PROBES_ENV
+from meshctl import logs
 from meshctl.problems import UsageProblem
 
 if TYPE_CHECKING:
@@ -133,9 +132,7 @@ def sidecar_command(
         ports=ProxyPorts(inbound=inbound_port, outbound=outbound_port, metrics=metrics_port),
         admin_port=admin_port, admin_host=admin_host, uid=owner, gid=group, drain_seconds=drain_seconds,
         app_probes=probes)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s",
-                        stream=sys.stderr)
-    logging.getLogger("meshloom").setLevel(logging.INFO)
+    logs.setup()
     agent = SidecarAgent(settings)
     try:
         agent.start()

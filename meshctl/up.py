@@ -8,10 +8,8 @@ by the mesh itself on one host (network namespaces and HAProxy sidecars arrive l
 from __future__ import annotations
 
 import fcntl
-import logging
 import os
 import signal
-import sys
 import threading
 from pathlib import Path
 from types import FrameType
@@ -20,6 +18,7 @@ from rich.console import Console
 
 from actions.ca import CaSettings, format_duration
 from engine.plane import ControlPlane, PlaneConfig
+from meshctl import logs
 from meshctl.context import Paths
 from meshctl.errors import BUSY
 from store import Store, migrate
@@ -56,8 +55,7 @@ def _summary(store: Store) -> str:
 
 def _log_transitions() -> None:
     """Every transition as a line on stderr, as the journal records it; the libraries' chatter stays quiet."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    logging.getLogger("meshloom").setLevel(logging.INFO)
+    logs.setup(logs.PLAIN)
 
 
 def run(paths: Paths, ca: CaSettings, *, tick_seconds: float, run_for: float | None) -> None:
