@@ -30,12 +30,24 @@ rules (other than ours) each holds in the namespace and picks the one in use; wi
 default of current distributions, Debian 12 here). After installing, our chains are removed from the other backend
 if an earlier run left them there, so the two never redirect at once.
 
-`render_rules` and `parse_ports` are pure; `install`, `remove` and `detect_backend` run the iptables tools, inside
-a named network namespace when asked (`ip netns exec`). Errors are one line: `MissingTool` (no iptables),
-`MissingPrivilege` (not root / no CAP_NET_ADMIN), `IptablesError` (the tool refused), `InitConfigError` (bad
-settings, naming the flag or annotation).
+`render_rules`, `render_rules6` and `parse_ports` are pure; `install`, `remove` and `detect_backend` run the
+iptables tools, inside a named network namespace when asked (`ip netns exec`). Errors are one line: `MissingTool`
+(no iptables), `MissingPrivilege` (not root / no CAP_NET_ADMIN), `IptablesError` (the tool refused),
+`InitConfigError` (bad settings, naming the flag or annotation).
 
-IPv6 (ip6tables) is not handled: the pods of this mesh are IPv4.
+IPv6 (ip6tables): the sidecar listens on IPv4 only, so IPv6 inbound TCP is not redirected but refused
+(fail-closed): without this, in a dual-stack pod it would reach the application directly, past mutual TLS and access
+control. One chain of our own in the ip6tables FILTER table, entered from one jump:
+
+    INPUT -p tcp -> MESHLOOM_INBOUND6       RETURN for loopback (-i lo), established/related packets (the replies to
+                                            the pod's own outbound IPv6 connections), the admin and metrics ports and
+                                            the ignored incoming ports; every other TCP packet into the pod gets
+                                            REJECT --reject-with tcp-reset
+
+Installed with the same backend as the IPv4 rules (`ip6tables-<nft|legacy>-restore --noflush`), the same way
+(chain declared = rebuilt, jump inserted once, duplicates deleted), after the IPv4 rules; removed with them. When
+that ip6tables is not installed, the IPv4 rules are still installed and `InstallResult.ipv6_gap` says IPv6 is not
+covered. Outbound IPv6 is left as it is: it is not proxied.
 """
 
 from __future__ import annotations
@@ -54,8 +66,12 @@ from actions.errors import MissingPrivilege, MissingTool, PermanentError
 INBOUND_CHAIN = "MESHLOOM_INBOUND"
 OUTBOUND_CHAIN = "MESHLOOM_OUTBOUND"
 CHAINS = (INBOUND_CHAIN, OUTBOUND_CHAIN)
+INBOUND6_CHAIN = "MESHLOOM_INBOUND6"  # ip6tables, filter table
+CHAINS6 = (INBOUND6_CHAIN,)
 # Each of our chains and the built-in chain that jumps to it.
-_ENTRY = {INBOUND_CHAIN: "PREROUTING", OUTBOUND_CHAIN: "OUTPUT"}
+_ENTRY = {INBOUND_CHAIN: "PREROUTING", OUTBOUND_CHAIN: "OUTPUT", INBOUND6_CHAIN: "INPUT"}
+# The built-in chains of each table we use (a jump from one of our chains to another is not an entry jump).
+_BUILTIN = {"nat": "PREROUTING|INPUT|OUTPUT|POSTROUTING", "filter": "INPUT|FORWARD|OUTPUT"}
 _JUMP_SPEC = "-p tcp -j {chain}"  # as iptables-save prints it back, so that presence is an exact comparison
 
 DEFAULT_INBOUND_PORT = 15006
@@ -98,6 +114,18 @@ class Backend:
     def restore(self) -> str:
         return f"iptables-{self.name}-restore"
 
+    @property
+    def save6(self) -> str:
+        return f"ip6tables-{self.name}-save"
+
+    @property
+    def restore6(self) -> str:
+        return f"ip6tables-{self.name}-restore"
+
+    @property
+    def has_ipv6(self) -> bool:
+        return bool(shutil.which(self.save6) and shutil.which(self.restore6))
+
 
 @dataclass(frozen=True, slots=True)
 class InitSettings:
@@ -128,6 +156,12 @@ class InitSettings:
         """Destination ports of connections into the pod that are never redirected."""
         own = {self.inbound_port, self.outbound_port, *self.admin_ports}
         return tuple(sorted(own | set(self.ignore_incoming_ports)))
+
+    @property
+    def inbound6_allowed(self) -> tuple[int, ...]:
+        """Destination ports of IPv6 connections into the pod that are not refused (nothing listens on IPv6 for
+        the inbound and outbound ports: the sidecar is IPv4 only)."""
+        return tuple(sorted(set(self.admin_ports) | set(self.ignore_incoming_ports)))
 
     @property
     def outbound_exempt(self) -> tuple[int, ...]:
@@ -163,26 +197,26 @@ def jump_rule(chain: str) -> str:
     return f"-A {_ENTRY[chain]} {_JUMP_SPEC.format(chain=chain)}"
 
 
-def _jumps_to_ours(existing: str) -> list[str]:
-    """Every rule of a built-in chain of the saved nat table whose target is one of our chains, in order."""
-    targets = "|".join(CHAINS)
-    pattern = re.compile(rf"-A (PREROUTING|INPUT|OUTPUT|POSTROUTING) .*-[jg] ({targets})(\s|$)")
-    return [line.strip() for line in _nat_section(existing) if pattern.match(line.strip())]
+def _jumps_to_ours(existing: str, table: str = "nat", chains: Sequence[str] = CHAINS) -> list[str]:
+    """Every rule of a built-in chain of the saved table whose target is one of our chains, in order."""
+    targets = "|".join(chains)
+    pattern = re.compile(rf"-A ({_BUILTIN[table]}) .*-[jg] ({targets})(\s|$)")
+    return [line.strip() for line in _section(existing, table) if pattern.match(line.strip())]
 
 
-def _nat_section(saved: str) -> list[str]:
+def _section(saved: str, table: str) -> list[str]:
     lines, inside = [], False
     for line in saved.splitlines():
         if line.startswith("*"):
-            inside = line.strip() == "*nat"
+            inside = line.strip() == f"*{table}"
         elif inside:
             lines.append(line)
     return lines
 
 
-def _chains_present(saved: str) -> list[str]:
-    declared = {line[1:].split()[0] for line in _nat_section(saved) if line.startswith(":")}
-    return [c for c in CHAINS if c in declared]
+def _chains_present(saved: str, table: str = "nat", chains: Sequence[str] = CHAINS) -> list[str]:
+    declared = {line[1:].split()[0] for line in _section(saved, table) if line.startswith(":")}
+    return [c for c in chains if c in declared]
 
 
 def render_rules(settings: InitSettings, *, existing: str = "") -> str:
@@ -214,30 +248,54 @@ def render_rules(settings: InitSettings, *, existing: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _jump_changes(existing: str) -> list[str]:
+def render_rules6(settings: InitSettings, *, existing: str = "") -> str:
+    """The `ip6tables-restore --noflush` input for the filter table: IPv6 inbound TCP refused, except loopback,
+    replies and the allowed ports. `existing` is the namespace's `ip6tables-save -t filter` output, as for
+    `render_rules`."""
+    s = settings
+    chain = INBOUND6_CHAIN
+    lines = [
+        f"# meshloom init (IPv6): inbound TCP refused (tcp-reset) except loopback, replies and ports "
+        f"{_ports(s.inbound6_allowed)}; outbound IPv6 is not proxied",
+        "*filter",
+        f":{chain} - [0:0]",
+        f"-A {chain} -i lo -j RETURN",  # the pod talking to itself ([::1], its own addresses)
+        # Replies to the pod's own outbound IPv6 connections (and ICMPv6 errors about them) must come in.
+        f"-A {chain} -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN",
+    ]
+    lines += [f"-A {chain} -p tcp --dport {port} -j RETURN" for port in s.inbound6_allowed]
+    # A reset rather than a silent drop: a dual-stack client falls back to IPv4 (through the sidecar) at once.
+    lines.append(f"-A {chain} -p tcp -j REJECT --reject-with tcp-reset")
+    lines += _jump_changes(existing, "filter", CHAINS6)
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def _jump_changes(existing: str, table: str = "nat", chains: Sequence[str] = CHAINS) -> list[str]:
     """Insert each missing jump; delete duplicates and any other rule that jumps to our chains."""
     changes: list[str] = []
     kept: set[str] = set()
-    for rule in _jumps_to_ours(existing):
-        if rule in {jump_rule(c) for c in CHAINS} and rule not in kept:
+    for rule in _jumps_to_ours(existing, table, chains):
+        if rule in {jump_rule(c) for c in chains} and rule not in kept:
             kept.add(rule)
         else:
             changes.append("-D" + rule[2:])
-    for chain in CHAINS:
+    for chain in chains:
         if jump_rule(chain) not in kept:
-            changes.append(f"-I{jump_rule(chain)[2:]}")  # first in its chain: ahead of anything else's NAT
+            changes.append(f"-I{jump_rule(chain)[2:]}")  # first in its chain: ahead of anything else's rules
     return changes
 
 
-def render_removal(existing: str) -> str | None:
-    """The `iptables-restore --noflush` input that deletes our jumps and chains; None when there is nothing."""
-    chains = _chains_present(existing)
-    jumps = _jumps_to_ours(existing)
-    if not chains and not jumps:
+def render_removal(existing: str, *, table: str = "nat", chains: Sequence[str] = CHAINS) -> str | None:
+    """The `iptables-restore --noflush` input that deletes our jumps and chains; None when there is nothing.
+    For IPv6: `render_removal(saved, table="filter", chains=CHAINS6)`."""
+    present = _chains_present(existing, table, chains)
+    jumps = _jumps_to_ours(existing, table, chains)
+    if not present and not jumps:
         return None
-    lines = ["*nat", *("-D" + rule[2:] for rule in jumps)]
-    lines += [f"-F {chain}" for chain in chains]
-    lines += [f"-X {chain}" for chain in chains]
+    lines = [f"*{table}", *("-D" + rule[2:] for rule in jumps)]
+    lines += [f"-F {chain}" for chain in present]
+    lines += [f"-X {chain}" for chain in present]
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
@@ -255,6 +313,8 @@ class InstallResult:
     netns: str | None
     rules: str  # exactly what was given to iptables-restore
     cleaned_other_backend: bool = False  # our chains were also found (and removed) in the other backend
+    rules6: str | None = None  # exactly what was given to ip6tables-restore; None when IPv6 was not covered
+    ipv6_gap: str = ""  # why IPv6 inbound TCP is not refused (one line); "" when it is
 
 
 def count_rules(saved: str) -> int:
@@ -294,17 +354,34 @@ def saved_nat(backend: Backend, netns: str | None = None) -> str:
     return _run(netns, [backend.save, "-t", "nat"]).stdout
 
 
+def saved_filter6(backend: Backend, netns: str | None = None) -> str:
+    return _run(netns, [backend.save6, "-t", "filter"]).stdout
+
+
+def _kernel_has_ipv6() -> bool:
+    return Path("/proc/net/if_inet6").exists()  # absent in every namespace when the kernel has no IPv6
+
+
 def install(settings: InitSettings, netns: str | None = None, backend: Backend | None = None) -> InstallResult:
     """Install (or refresh) the redirect rules in one atomic iptables-restore; idempotent."""
     _check_privilege()
     chosen = backend or detect_backend(netns)
     rules = render_rules(settings, existing=saved_nat(chosen, netns))
     _run(netns, [chosen.restore, "--noflush"], input=rules)
+    rules6, gap = None, ""
+    if not _kernel_has_ipv6():  # booted with ipv6.disable=1: there is no IPv6 to get around the sidecar with
+        gap = "the kernel has no IPv6: there is no IPv6 inbound TCP to refuse"
+    elif chosen.has_ipv6:  # same backend as IPv4: the two front ends do not see each other's rules
+        rules6 = render_rules6(settings, existing=saved_filter6(chosen, netns))
+        _run(netns, [chosen.restore6, "--noflush"], input=rules6)  # a refusal raises: fail-closed
+    else:
+        gap = (f"{chosen.restore6} is not installed: IPv6 inbound TCP is not refused (IPv4 rules installed; "
+               f"apt-get install iptables)")
     cleaned = False
     other = BackendName.legacy if chosen.name is BackendName.nft else BackendName.nft
     if shutil.which(f"iptables-{other}-save") and shutil.which(f"iptables-{other}-restore"):
         cleaned = _remove_from(Backend(other, "the other backend"), netns)
-    return InstallResult(chosen, netns, rules, cleaned)
+    return InstallResult(chosen, netns, rules, cleaned, rules6, gap)
 
 
 def remove(netns: str | None = None) -> list[Backend]:
@@ -322,11 +399,18 @@ def remove(netns: str | None = None) -> list[Backend]:
 
 
 def _remove_from(backend: Backend, netns: str | None) -> bool:
+    """Our IPv4 chains and jumps, and the IPv6 ones when that ip6tables is installed; whether there were any."""
+    found = False
     removal = render_removal(saved_nat(backend, netns))
-    if removal is None:
-        return False
-    _run(netns, [backend.restore, "--noflush"], input=removal)
-    return True
+    if removal is not None:
+        _run(netns, [backend.restore, "--noflush"], input=removal)
+        found = True
+    if backend.has_ipv6:
+        removal6 = render_removal(saved_filter6(backend, netns), table="filter", chains=CHAINS6)
+        if removal6 is not None:
+            _run(netns, [backend.restore6, "--noflush"], input=removal6)
+            found = True
+    return found
 
 
 def _check_privilege() -> None:

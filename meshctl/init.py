@@ -3,7 +3,9 @@
 On Kubernetes the injector turns the pod's annotations into these flags, so flags are all init reads. The rules and
 their guarantees (atomic, idempotent, backend detection) are in actions/iptables.py. Errors are one line:
 a bad flag exits 2; the host refusing (no privilege, iptables refusing the rules) exits 4; the host lacking what
-init needs (no iptables, no such network namespace) exits 5.
+init needs (no iptables, no such network namespace) exits 5. IPv6 inbound TCP is refused (the sidecar is IPv4 only)
+when ip6tables is installed; when it is not, the IPv4 rules are still installed and one line on stderr says IPv6 is
+not covered (exit 0).
 """
 
 from __future__ import annotations
@@ -42,11 +44,13 @@ def init(
                                                    "the current one", show_default=False)] = None,
     backend: Annotated[BackendChoice, typer.Option(help="iptables backend; auto uses the one that already holds "
                                                         "rules, else nft")] = BackendChoice.auto,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the iptables-restore input and change "
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the iptables-restore input (then, under "
+                                                            "'# IPv6', the ip6tables-restore input) and change "
                                                             "nothing")] = False,
 ) -> None:
     """Redirect the pod's TCP through its sidecar with iptables (nat table): inbound to the inbound port, outbound
     to the outbound port, except the sidecar's own traffic and ports, loopback, DNS and the ignored ports.
+    IPv6 inbound TCP is refused (ip6tables filter table) except loopback, replies, admin/metrics and ignored ports.
     Atomic and idempotent: running it again leaves the same rules."""
     from actions.errors import MissingPrivilege, MissingTool
     from actions.iptables import (
@@ -58,6 +62,7 @@ def init(
         install,
         parse_ports,
         render_rules,
+        render_rules6,
     )
 
     try:
@@ -70,6 +75,8 @@ def init(
         raise UsageProblem(_as_flag(str(exc))) from None
     if dry_run:
         typer.echo(render_rules(settings), nl=False)
+        typer.echo("# IPv6")
+        typer.echo(render_rules6(settings), nl=False)
         return
     try:
         chosen = None if backend is BackendChoice.auto else backend_named(str(backend))
@@ -85,6 +92,11 @@ def init(
     typer.echo(f"inbound TCP -> {settings.inbound_port} except ports {_ports(settings.inbound_exempt)}")
     typer.echo(f"outbound TCP -> {settings.outbound_port} except uid {settings.proxy_uid}, loopback and ports "
                f"{_ports(settings.outbound_exempt)}")
+    if result.rules6 is not None:
+        typer.echo(f"IPv6 inbound TCP refused except loopback, replies and ports {_ports(settings.inbound6_allowed)}"
+                   f"; outbound IPv6 not proxied")
+    else:
+        typer.echo(f"meshctl: IPv6 not covered: {result.ipv6_gap}", err=True)
     if result.cleaned_other_backend:
         other = "legacy" if result.backend.name == "nft" else "nft"
         typer.echo(f"removed Meshloom's chains left in iptables-{other} by an earlier run")

@@ -1,5 +1,6 @@
 """The init rules (actions.iptables): rendered rules against golden files, port lists, and the real thing in pods
-made with the `host_network` fixture: REDIRECTs proven by listeners that report SO_ORIGINAL_DST.
+made with the `host_network` fixture: REDIRECTs proven by listeners that report SO_ORIGINAL_DST, and IPv6 inbound
+TCP refused in pods given an IPv6 address (fd00::/8, random per run) besides their IPv4 one.
 
 Golden files: tests/actions/golden/iptables/*.rules; MESHLOOM_UPDATE_GOLDEN=1 rewrites them (review the diff).
 """
@@ -7,7 +8,10 @@ Golden files: tests/actions/golden/iptables/*.rules; MESHLOOM_UPDATE_GOLDEN=1 re
 from __future__ import annotations
 
 import os
+import secrets
+import select
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,8 +32,9 @@ from actions.iptables import (
     remove,
     render_removal,
     render_rules,
+    render_rules6,
 )
-from actions.netns import HostNetwork, PodNet, run
+from actions.netns import HostNetwork, NetnsError, PodNet, run, spawn
 from tests.support.netns import connect, start_listener
 
 GOLDEN = Path(__file__).parent / "golden" / "iptables"
@@ -43,6 +48,7 @@ CASES = {
     "custom-ports": InitSettings(inbound_port=16006, outbound_port=16001, proxy_uid=1337, admin_ports=(16021,),
                                  ignore_incoming_ports=(), ignore_outgoing_ports=(53,)),
 }
+CASES6 = {"defaults6": CASES["defaults"], "ignored-ports6": CASES["ignored-ports"]}
 
 
 # -- rendering -----------------------------------------------------------------------------------------------------
@@ -58,6 +64,43 @@ def test_the_rendered_rules_match_the_golden_file(case: str) -> None:
     assert path.exists(), f"{path} is missing: run MESHLOOM_UPDATE_GOLDEN=1 pytest tests/actions/test_iptables.py"
     assert rendered == path.read_text(), (
         f"{path} is stale: run MESHLOOM_UPDATE_GOLDEN=1 pytest tests/actions/test_iptables.py and review the diff")
+
+
+@pytest.mark.parametrize("case", sorted(CASES6))
+def test_the_rendered_ipv6_rules_match_the_golden_file(case: str) -> None:
+    path = GOLDEN / f"{case}.rules"
+    rendered = render_rules6(CASES6[case])
+    if UPDATE:
+        path.write_text(rendered)
+    assert path.exists(), f"{path} is missing: run MESHLOOM_UPDATE_GOLDEN=1 pytest tests/actions/test_iptables.py"
+    assert rendered == path.read_text(), (
+        f"{path} is stale: run MESHLOOM_UPDATE_GOLDEN=1 pytest tests/actions/test_iptables.py and review the diff")
+
+
+def test_the_ipv6_rules_allow_loopback_replies_and_the_admin_and_ignored_ports_and_reset_the_rest() -> None:
+    rules = render_rules6(InitSettings(ignore_incoming_ports=(53, 9100))).splitlines()
+    chain = [line for line in rules if line.startswith("-A MESHLOOM_INBOUND6")]
+    assert chain == ["-A MESHLOOM_INBOUND6 -i lo -j RETURN",
+                     "-A MESHLOOM_INBOUND6 -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN",
+                     *(f"-A MESHLOOM_INBOUND6 -p tcp --dport {port} -j RETURN" for port in (53, 9100, 15021, 15090)),
+                     "-A MESHLOOM_INBOUND6 -p tcp -j REJECT --reject-with tcp-reset"]
+    assert rules[1] == "*filter" and "-I INPUT -p tcp -j MESHLOOM_INBOUND6" in rules
+
+
+def test_an_ipv6_jump_in_place_is_kept_and_a_duplicate_deleted() -> None:
+    existing = "\n".join(["*nat", "-A PREROUTING -p tcp -j MESHLOOM_INBOUND6", "COMMIT", "*filter",
+                          "-A INPUT -p tcp -j MESHLOOM_INBOUND6", "-A INPUT -p tcp -j MESHLOOM_INBOUND6", "COMMIT"])
+    changes = [line for line in render_rules6(InitSettings(), existing=existing).splitlines()
+               if line.startswith(("-I ", "-D "))]
+    assert changes == ["-D INPUT -p tcp -j MESHLOOM_INBOUND6"]
+
+
+def test_ipv6_removal_deletes_the_jump_then_the_chain_of_the_filter_table() -> None:
+    existing = ("*filter\n:INPUT ACCEPT [0:0]\n:MESHLOOM_INBOUND6 - [0:0]\n-A INPUT -p tcp -j MESHLOOM_INBOUND6\n"
+                "COMMIT\n")
+    assert render_removal(existing, table="filter", chains=iptables.CHAINS6) == (
+        "*filter\n-D INPUT -p tcp -j MESHLOOM_INBOUND6\n-F MESHLOOM_INBOUND6\n-X MESHLOOM_INBOUND6\nCOMMIT\n")
+    assert render_removal(existing) is None  # the nat table (IPv4) has nothing of ours
 
 
 def test_jumps_already_in_place_are_not_added_again() -> None:
@@ -141,6 +184,12 @@ def _save(pod: PodNet, backend: str = "nft") -> str:
     return "\n".join(line for line in out.splitlines() if not line.startswith("#"))
 
 
+def _save6(pod: PodNet, backend: str = "nft") -> str:
+    """The ip6tables filter table without the timestamp comments."""
+    out = run(pod, [f"ip6tables-{backend}-save", "-t", "filter"]).stdout
+    return "\n".join(line for line in out.splitlines() if not line.startswith("#"))
+
+
 @pytest.fixture
 def two_pods(host_network: HostNetwork) -> Iterator[tuple[PodNet, PodNet]]:
     yield host_network.add_pod("client"), host_network.add_pod("server")
@@ -159,6 +208,71 @@ class Listeners:
         for proc in self.procs:
             proc.kill()
             proc.communicate(timeout=10)
+
+
+# An IPv6 listener (tests.support.netns' is IPv4 only): answers each connection with "accepted" and closes.
+LISTENER6 = r"""
+import socket, sys
+server = socket.socket(socket.AF_INET6)
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+server.bind(("::", int(sys.argv[1])))
+server.listen(16)
+server.settimeout(60)
+print("ready", flush=True)
+while True:
+    try:
+        conn, _ = server.accept()
+    except TimeoutError:
+        break
+    with conn:
+        conn.sendall(b"accepted\n")
+"""
+
+# Prints "accepted", "refused" (a reset), "timeout" (5 s) or "closed".
+CONNECT6 = r"""
+import socket, sys
+client = socket.socket(socket.AF_INET6)
+client.settimeout(5)
+try:
+    client.connect((sys.argv[1], int(sys.argv[2])))
+    print(client.recv(64).decode().strip() or "closed")
+except ConnectionRefusedError:
+    print("refused")
+except TimeoutError:
+    print("timeout")
+"""
+
+
+def start_listener6(group: Listeners, pod: PodNet, port: int) -> None:
+    proc = spawn(pod, [sys.executable, "-c", LISTENER6, str(port)], uid=NOBODY, stdout=subprocess.PIPE,
+                 stderr=subprocess.STDOUT, text=True)
+    group.procs.append(proc)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 10)
+    line = proc.stdout.readline().strip() if ready else "(nothing within 10 s)"
+    assert line == "ready", f"IPv6 listener on port {port} in {pod.name}: {line}"
+
+
+def connect6(pod: PodNet, host: str, port: int) -> str:
+    return run(pod, [sys.executable, "-c", CONNECT6, host, str(port)], uid=NOBODY, timeout=15).stdout.strip()
+
+
+@pytest.fixture
+def dual_stack(two_pods: tuple[PodNet, PodNet]) -> tuple[tuple[PodNet, str], tuple[PodNet, str]]:
+    """The two pods, each also with an IPv6 address in a random fd00::/64 (gone with the namespaces)."""
+    network = f"fd00:{secrets.token_hex(2)}:{secrets.token_hex(2)}:{secrets.token_hex(2)}"
+    pods = []
+    for pod, host in zip(two_pods, ("2", "3"), strict=True):
+        address = f"{network}::{host}"
+        try:
+            for knob in ("all", "default", "eth0"):
+                run(pod, ["sysctl", "-q", "-w", f"net.ipv6.conf.{knob}.disable_ipv6=0"])
+            run(pod, ["ip", "-6", "addr", "add", f"{address}/64", "dev", "eth0", "nodad"])
+        except NetnsError as exc:
+            pytest.skip(f"IPv6 is not available in a network namespace here: {exc}")
+        pods.append((pod, address))
+    return pods[0], pods[1]
 
 
 @pytest.fixture
@@ -262,6 +376,7 @@ def test_remove_leaves_no_meshloom_chain_and_is_idempotent(two_pods: tuple[PodNe
     install(InitSettings(), netns=client.netns)
     assert [b.name for b in remove(netns=client.netns)] == [BackendName.nft]
     assert "MESHLOOM" not in _save(client) and "MESHLOOM" not in _save(client, "legacy")
+    assert "MESHLOOM" not in _save6(client) and "MESHLOOM" not in _save6(client, "legacy")
     assert remove(netns=client.netns) == []
     listeners.start(server, 8080)
     assert connect(client, server.ip, 8080, uid=NOBODY).split()[0] == f"{server.ip}:8080"  # no redirect any more
@@ -277,12 +392,14 @@ def test_the_backend_already_holding_rules_is_detected_and_the_other_one_is_clea
     assert detected.name is BackendName.legacy and "iptables-legacy 1" in detected.reason
     result = install(InitSettings(), netns=client.netns)
     assert result.backend.name is BackendName.legacy and "MESHLOOM_OUTBOUND" in _save(client, "legacy")
+    assert "MESHLOOM_INBOUND6" in _save6(client, "legacy") and "MESHLOOM" not in _save6(client, "nft")
     # Told to use nft later, our chains move: they are never left in both.
     moved = install(InitSettings(), netns=client.netns, backend=Backend(BackendName.nft, "test"))
     assert moved.cleaned_other_backend
     assert "MESHLOOM" not in _save(client, "legacy") and "MESHLOOM_OUTBOUND" in _save(client, "nft")
+    assert "MESHLOOM" not in _save6(client, "legacy") and "MESHLOOM_INBOUND6" in _save6(client, "nft")
     remove(netns=client.netns)
-    assert "MESHLOOM" not in _save(client, "nft")
+    assert "MESHLOOM" not in _save(client, "nft") and "MESHLOOM" not in _save6(client, "nft")
 
 
 @pytest.mark.integration
@@ -290,3 +407,59 @@ def test_a_namespace_that_does_not_exist_is_one_clear_line(host_network: HostNet
     missing = host_network.netns_name("absent")
     with pytest.raises(IptablesError, match=f"network namespace '{missing}' does not exist"):
         install(InitSettings(), netns=missing)
+
+
+@pytest.mark.integration
+def test_ipv6_inbound_tcp_is_refused_except_admin_and_ignored_ports_while_the_pods_own_connections_complete(
+        dual_stack: tuple[tuple[PodNet, str], tuple[PodNet, str]], listeners: Listeners) -> None:
+    (pod, pod6), (other, other6) = dual_stack
+    for port in (8080, 9100, 15021):
+        start_listener6(listeners, pod, port)
+    start_listener6(listeners, other, 8080)
+    assert connect6(other, pod6, 8080) == "accepted"  # without the rules, IPv6 reaches the application directly
+    result = install(InitSettings(ignore_incoming_ports=(53, 9100)), netns=pod.netns)
+    assert result.rules6 is not None and result.ipv6_gap == ""
+    assert connect6(other, pod6, 8080) == "refused"  # a reset: the sidecar is not on IPv6, so nothing may pass
+    assert connect6(other, pod6, 15021) == "accepted"  # readiness/liveness
+    assert connect6(other, pod6, 9100) == "accepted"  # an ignored incoming port
+    # The pod's own outbound IPv6 connection gets its replies (not proxied), and loopback is left alone.
+    assert connect6(pod, other6, 8080) == "accepted"
+    assert connect6(pod, "::1", 8080) == "accepted"
+    assert connect6(pod, pod6, 8080) == "accepted"  # its own address, over lo
+
+
+@pytest.mark.integration
+def test_ipv6_rules_are_idempotent_healed_and_removed(two_pods: tuple[PodNet, PodNet]) -> None:
+    client, _ = two_pods
+    install(InitSettings(), netns=client.netns)
+    once = _save6(client)
+    assert "-A INPUT -p tcp -j MESHLOOM_INBOUND6" in once and "--reject-with tcp-reset" in once
+    second = install(InitSettings(), netns=client.netns)
+    assert _save6(client) == once and second.rules6 is not None and "-I " not in second.rules6
+    run(client, ["ip6tables-nft", "-A", "INPUT", "-p", "tcp", "-j", "MESHLOOM_INBOUND6"])
+    assert _save6(client).count("-j MESHLOOM_INBOUND6") == 2
+    install(InitSettings(), netns=client.netns)
+    assert _save6(client) == once
+    remove(netns=client.netns)
+    assert "MESHLOOM" not in _save6(client) and "MESHLOOM" not in _save6(client, "legacy")
+
+
+@pytest.mark.integration
+def test_without_ip6tables_the_ipv4_rules_are_installed_and_the_result_says_ipv6_is_not_covered(
+        two_pods: tuple[PodNet, PodNet], monkeypatch: pytest.MonkeyPatch) -> None:
+    client, _ = two_pods
+    monkeypatch.setattr(Backend, "has_ipv6", property(lambda self: False))
+    result = install(InitSettings(), netns=client.netns)
+    assert result.rules6 is None
+    assert result.ipv6_gap.startswith("ip6tables-nft-restore is not installed: IPv6 inbound TCP is not refused")
+    assert "MESHLOOM_OUTBOUND" in _save(client) and "MESHLOOM" not in _save6(client)
+
+
+@pytest.mark.integration
+def test_on_a_kernel_without_ipv6_the_ipv4_rules_are_installed_and_ip6tables_is_not_asked(
+        two_pods: tuple[PodNet, PodNet], monkeypatch: pytest.MonkeyPatch) -> None:
+    client, _ = two_pods
+    monkeypatch.setattr("actions.iptables._kernel_has_ipv6", lambda: False)
+    result = install(InitSettings(), netns=client.netns)
+    assert result.rules6 is None and result.ipv6_gap.startswith("the kernel has no IPv6")
+    assert "MESHLOOM_OUTBOUND" in _save(client) and "MESHLOOM" not in _save6(client)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from actions.iptables import Backend
 from actions.netns import HostNetwork, run
 from meshctl.cli import main
 
@@ -30,10 +31,12 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
-def test_dry_run_prints_the_rules_and_changes_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_run_prints_the_ipv4_then_the_ipv6_rules_and_changes_nothing(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = meshctl(capsys, "init", "--dry-run")
     assert (code, err) == (0, "")
-    assert out == (GOLDEN / "defaults.rules").read_text()
+    ipv4, separator, ipv6 = out.partition("# IPv6\n")
+    assert ipv4 == (GOLDEN / "defaults.rules").read_text()
+    assert separator and ipv6 == (GOLDEN / "defaults6.rules").read_text()
 
 
 def test_ignored_ports_from_flags_come_in_addition_to_dns(capsys: pytest.CaptureFixture[str]) -> None:
@@ -46,7 +49,9 @@ def test_ignored_ports_from_flags_come_in_addition_to_dns(capsys: pytest.Capture
                  "-A MESHLOOM_OUTBOUND -p tcp --dport 53 -j RETURN",
                  "-A MESHLOOM_OUTBOUND -p tcp --dport 5432 -j RETURN",
                  "-A MESHLOOM_INBOUND -p tcp -j REDIRECT --to-ports 16006",
-                 "-A MESHLOOM_OUTBOUND -m owner --uid-owner 1337 -j RETURN"):
+                 "-A MESHLOOM_OUTBOUND -m owner --uid-owner 1337 -j RETURN",
+                 "-A MESHLOOM_INBOUND6 -p tcp --dport 8443 -j RETURN",
+                 "-A MESHLOOM_INBOUND6 -p tcp --dport 9100 -j RETURN"):
         assert rule in out.splitlines()
 
 
@@ -90,14 +95,28 @@ def test_init_installs_in_a_network_namespace_and_a_second_run_changes_nothing(
     assert out.splitlines()[0].startswith(f"iptables-nft (no rules in network namespace {pod.netns} yet")
     saved = run(pod, ["iptables-nft-save", "-t", "nat"]).stdout
     assert "-A OUTPUT -p tcp -j MESHLOOM_OUTBOUND" in saved and "--dport 5432 -j RETURN" in saved
+    assert out.splitlines()[-1].startswith("IPv6 inbound TCP refused except loopback, replies and ports 53,")
+    saved6 = run(pod, ["ip6tables-nft-save", "-t", "filter"]).stdout
+    assert "-A INPUT -p tcp -j MESHLOOM_INBOUND6" in saved6
     code, _, _ = meshctl(capsys, *args)
     assert code == 0
     again = run(pod, ["iptables-nft-save", "-t", "nat"]).stdout
+    again6 = run(pod, ["ip6tables-nft-save", "-t", "filter"]).stdout
 
     def rules(text: str) -> list[str]:
         return [line for line in text.splitlines() if not line.startswith("#")]
 
-    assert rules(again) == rules(saved)
+    assert rules(again) == rules(saved) and rules(again6) == rules(saved6)
+
+
+@pytest.mark.integration
+def test_without_ip6tables_init_installs_ipv4_and_says_on_one_line_that_ipv6_is_not_covered(
+        host_network: HostNetwork, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(Backend, "has_ipv6", property(lambda self: False))
+    pod = host_network.add_pod("web")
+    code, out, err = meshctl(capsys, "init", "--netns", pod.netns)
+    assert code == 0 and "rules installed" in out.splitlines()[0]
+    assert one_line(err).startswith("meshctl: IPv6 not covered: ip6tables-nft-restore is not installed")
 
 
 @pytest.mark.integration
