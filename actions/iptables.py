@@ -324,7 +324,7 @@ def count_rules(saved: str) -> int:
 
 def detect_backend(netns: str | None = None) -> Backend:
     """The iptables front end this namespace (the host's when None) uses: the one holding rules, else nft."""
-    installed = [b for b in BackendName if shutil.which(f"iptables-{b}-restore") and shutil.which(f"iptables-{b}-save")]
+    installed = [b for b in BackendName if _installed(b)]
     if not installed:
         raise MissingTool("iptables is not installed (neither iptables-nft-restore nor iptables-legacy-restore): "
                           "apt-get install iptables")
@@ -338,6 +338,10 @@ def detect_backend(netns: str | None = None) -> Backend:
         return Backend(BackendName.nft, f"no rules in {where} yet ({summary}): nft by default")
     chosen = max(installed, key=lambda b: (counts[b], b == BackendName.nft))  # a tie goes to nft
     return Backend(chosen, f"rules already in {where}: {summary}")
+
+
+def _installed(name: BackendName) -> bool:
+    return bool(shutil.which(f"iptables-{name}-save") and shutil.which(f"iptables-{name}-restore"))
 
 
 def backend_named(name: str) -> Backend:
@@ -379,7 +383,7 @@ def install(settings: InitSettings, netns: str | None = None, backend: Backend |
                f"apt-get install iptables)")
     cleaned = False
     other = BackendName.legacy if chosen.name is BackendName.nft else BackendName.nft
-    if shutil.which(f"iptables-{other}-save") and shutil.which(f"iptables-{other}-restore"):
+    if _installed(other):
         cleaned = _remove_from(Backend(other, "the other backend"), netns)
     return InstallResult(chosen, netns, rules, cleaned, rules6, gap)
 
@@ -389,7 +393,7 @@ def remove(netns: str | None = None) -> list[Backend]:
     _check_privilege()
     removed = []
     for name in BackendName:
-        if shutil.which(f"iptables-{name}-save") and shutil.which(f"iptables-{name}-restore"):
+        if _installed(name):
             backend = Backend(name, "removal")
             if _remove_from(backend, netns):
                 removed.append(backend)

@@ -124,12 +124,7 @@ def envelope(sidecar: str, generation: int, document: bytes) -> bytes:
     """The KV value for one sidecar's generation (see the module header); PermanentError for a bad document."""
     if isinstance(generation, bool) or not isinstance(generation, int) or generation < 1:
         raise PermanentError(f"generation must be a positive integer, not {generation!r}")
-    try:
-        parsed = json.loads(document)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise PermanentError(f"the document of {sidecar} is not JSON: {exc}") from exc
-    if not isinstance(parsed, dict):
-        raise PermanentError(f"the document of {sidecar} must be a JSON object, not {type(parsed).__name__}")
+    _check_json_object(document, f"the document of {sidecar}")
     head = json.dumps({"sidecar": sidecar, "generation": generation}, separators=(",", ":")).encode()
     return head[:-1] + b',"document":' + document.strip() + b"}"
 
@@ -138,12 +133,16 @@ def check_shard(namespace: str, body: bytes) -> None:
     """PermanentError for a shard no sidecar could ever use: every sidecar waiting for it would wait forever."""
     if not namespace:
         raise PermanentError("a shard needs a namespace")
+    _check_json_object(body, f"the shard of namespace {namespace}")
+
+
+def _check_json_object(body: bytes, what: str) -> None:
     try:
         parsed = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise PermanentError(f"the shard of namespace {namespace} is not JSON: {exc}") from exc
+        raise PermanentError(f"{what} is not JSON: {exc}") from exc
     if not isinstance(parsed, dict):
-        raise PermanentError(f"the shard of namespace {namespace} must be a JSON object, not {type(parsed).__name__}")
+        raise PermanentError(f"{what} must be a JSON object, not {type(parsed).__name__}")
 
 
 class FakeConfigPublisher:

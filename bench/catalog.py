@@ -27,20 +27,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import catalog
-from bench.facts import write_results
+from bench.facts import machine, write_results
 
 T = TypeVar("T")
 TARGET_RENDER_S = 1.0  # for 1,000 Services and 10,000 pods
@@ -208,26 +203,6 @@ def run(sizes: Sizes) -> dict[str, Any]:
 
 
 # ---- reporting ------------------------------------------------------------------------------------------------
-def machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    git: dict[str, Any] = {}
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        git = {"commit": head}
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return {"date": datetime.now(UTC).isoformat(timespec="seconds"), "cores": os.cpu_count(), "cpu": cpu,
-            "load_average_1_5_15min_at_end": [round(x, 2) for x in os.getloadavg()],
-            "platform": platform.platform(), "python": sys.version.split()[0], "git": git}
-
-
 def summary(doc: dict[str, Any]) -> str:
     r, m = doc["results"], doc["machine"]
     s, c = r["sizes"], r["change"]

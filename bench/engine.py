@@ -40,13 +40,10 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
-import platform
 import random
 import re
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -59,7 +56,7 @@ from typing import Any
 
 from actions import fake_actions
 from actions.clock import FakeClock
-from bench.facts import cpu_model, git_state, version, write_results
+from bench.facts import machine, version, write_results
 from engine import Engine, ensure_ca
 from machines.base import Context
 from machines.certificate import CERT_SPEC, CertState
@@ -400,23 +397,9 @@ def bench_tick(dbs: Databases, sizes: Sizes) -> dict[str, Any]:
 
 
 # ---- machine facts and reporting -----------------------------------------------------------------------------------
-
-
-
 def machine_facts(pg_version: str | None) -> dict[str, Any]:
-    return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cores": os.cpu_count(),
-        "load_average_1_5_15min_at_end": [round(x, 2) for x in os.getloadavg()],
-        "cpu": cpu_model(),
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "sqlite": sqlite3.sqlite_version,
-        "postgresql": pg_version,
-        "sqlalchemy": version("sqlalchemy"),
-        "psycopg": version("psycopg"),
-        "git": git_state(),
-    }
+    return machine(sqlite=sqlite3.sqlite_version, postgresql=pg_version, sqlalchemy=version("sqlalchemy"),
+                   psycopg=version("psycopg"))
 
 
 def _pg_version(server: Any) -> str | None:

@@ -99,7 +99,6 @@ APP_HEALTH_PREFIX = "/app-health/"
 DEFAULT_IGNORED_PORTS = (53,)  # DNS, both ways
 DEFAULT_GRACE_SECONDS = 30  # Kubernetes' own default terminationGracePeriodSeconds
 GRACE_MARGIN_SECONDS = 5  # after draining, the sidecar stops its proxy and exits
-PROXY_UID = 2102  # NGINX Service Mesh's; the chart's sidecar.uid may say otherwise
 
 _PROBES = (("livenessProbe", "livez"), ("readinessProbe", "readyz"), ("startupProbe", "startupz"))
 _WORKLOAD_TEMPLATES: Mapping[str, tuple[str, ...]] = {
@@ -112,7 +111,6 @@ _WORKLOAD_TEMPLATES: Mapping[str, tuple[str, ...]] = {
     "Job": ("spec", "template"),
     "CronJob": ("spec", "jobTemplate", "spec", "template"),
 }
-WORKLOAD_KINDS = tuple(_WORKLOAD_TEMPLATES)
 
 
 # ------------------------------------------------------------------------------------------------- reasons ---

@@ -39,6 +39,7 @@ from machines.effects import (
 
 if TYPE_CHECKING:
     from engine.core import Engine
+    from store import Store
 
 log = logging.getLogger("meshloom.engine")
 
@@ -75,6 +76,11 @@ Handler: TypeAlias = Callable[["Engine", Any, str], Mapping[str, Any] | None]
 OUTSTANDING = ("issued", "delivered", "active", "rotation-due")
 SERVING = ("delivered", "active")
 BUNDLED = ("prepared", "active", "retiring")
+
+
+def bundled_generations(store: Store) -> tuple[str, ...]:
+    """The CA generations whose roots make up the trust bundle now, in order."""
+    return tuple(sorted(c.key for c in store.list("ca", states=BUNDLED)))
 
 
 def run(engine: Engine, effect: Effect, origin: str) -> Outcome:
@@ -151,7 +157,7 @@ def trust_domain(engine: Engine) -> str:
 
 def _publish_bundle(engine: Engine, e: PublishBundle | JoinBundle, origin: str) -> None:
     actions = _actions(engine)
-    gens = tuple(sorted(c.key for c in engine.store.list("ca", states=BUNDLED)))
+    gens = bundled_generations(engine.store)
     actions.delivery.publish_bundle(trust_domain(engine), der_certificates(actions.ca.trust_anchors(gens)))
 
 

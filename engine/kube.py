@@ -263,7 +263,6 @@ class KubeWiring:
         self.rejected: dict[str, str] = {}  # object ("pod/ns/name") -> why the catalog refused it
         self.batches = 0
         self.events = 0
-        self.revisions: list[int] = []  # world revisions this wiring wrote, newest last (bounded)
         self.idle = threading.Event()  # set whenever the queue was found empty after a batch (tests wait on it)
 
     # ---- intake --------------------------------------------------------------------------------------------------
@@ -416,14 +415,11 @@ class KubeWiring:
     def _write_world(self) -> Written:
         change, self._change = self._change, Change()
         try:
-            written = self._write(change)
+            return self._write(change)
         except Exception:
             later, self._change = self._change, change  # kept, and merged with what came since
             self._change.merge(later)
             raise
-        if written.revision:
-            self.revisions = [*self.revisions[-99:], written.revision]
-        return written
 
     def _write(self, change: Change) -> Written:
         ops: dict[Ref, catalog.Resource | None] = {}
@@ -472,7 +468,7 @@ class KubeWiring:
         waits in `deferred` for the next batch."""
         old = set(catalog.check(before))
         for _ in range(SETTLE_ROUNDS):
-            after = before.with_applied(puts.values()).without(_key(ref, None) for ref in deletes)
+            after = before.with_applied(puts.values()).without(_key(ref) for ref in deletes)
             new = [p for p in catalog.check(after) if p not in old]
             if not new:
                 return puts, deletes
@@ -505,7 +501,7 @@ class KubeWiring:
     @staticmethod
     def _fixes(before: catalog.World, puts: Mapping[Ref, catalog.Resource], deletes: set[Ref],
                new: Sequence[catalog.Problem], old: set[catalog.Problem]) -> bool:
-        after = before.with_applied(puts.values()).without(_key(ref, None) for ref in deletes)
+        after = before.with_applied(puts.values()).without(_key(ref) for ref in deletes)
         return len([p for p in catalog.check(after) if p not in old]) < len(new)
 
     # ---- the pods ---------------------------------------------------------------------------------------------------
@@ -585,12 +581,9 @@ class KubeWiring:
         return fired
 
 
-def _key(ref: Ref, resource: catalog.Resource | None) -> str:
+def _key(ref: Ref) -> str:
     """The catalog's key (`Kind/namespace/name`) of a stored ref."""
-    if resource is not None:
-        return resource.key
-    kind = catalog.KINDS[ref[0]].kind
-    return f"{kind}/{ref[1]}/{ref[2]}"
+    return f"{catalog.KINDS[ref[0]].kind}/{ref[1]}/{ref[2]}"
 
 
 def _summary(puts: Sequence[Ref], deletes: Sequence[Ref], stored: Mapping[Ref, Resource]) -> str:

@@ -34,7 +34,7 @@ from actions.platform import FakePodPlatform, PodPlatform
 from actions.vault import FileVault
 from engine import world
 from engine.core import Engine
-from engine.executor import BUNDLED, SERVING, publish_shards
+from engine.executor import SERVING, bundled_generations, publish_shards
 from engine.runtime import Runner, ensure_ca
 from machines import BadPayload, IllegalTrigger
 from store import Store
@@ -107,8 +107,9 @@ class ControlPlane:
         self._running = True
         self.agent.start()
         ensure_ca(self.engine)
+        roots = self.bundle()  # read once: nothing changes the CA generations before the workers start
         if self.with_nats:
-            self.nats = MeshNats(self.ca, self.trust_domain, self.config.state_dir / "nats", self.bundle(), self._acked,
+            self.nats = MeshNats(self.ca, self.trust_domain, self.config.state_dir / "nats", roots, self._acked,
                                  host=self.config.nats_host, port=self.config.nats_port,
                                  server_names=self.config.nats_names)
             self.delivery.nats = self.nats
@@ -126,7 +127,7 @@ class ControlPlane:
                     log.exception("publishing the documents again into a new NATS store failed")
         self._ack_thread = threading.Thread(target=self._commit_acks, name="meshloom-acks", daemon=True)
         self._ack_thread.start()
-        self.redeliver()  # before the workers start: what they deliver next is newer, and must win
+        self.redeliver(roots)  # before the workers start: what they deliver next is newer, and must win
         self.recovered = self.runner.start()
         self.sync_world()
         self.runner.scheduler.add_job(self.sync_world, "interval", seconds=self.config.world_poll,
@@ -151,7 +152,7 @@ class ControlPlane:
     # ---- what a restart needs ------------------------------------------------------------------------------------
     def bundle(self) -> tuple[bytes, ...]:
         """The roots of the trust bundle as the CA generations make it up now."""
-        gens = tuple(sorted(c.key for c in self.store.list("ca", states=BUNDLED)))
+        gens = bundled_generations(self.store)
         return der_certificates(self.ca.trust_anchors(gens)) if gens else ()
 
     def republish(self) -> int:
@@ -170,9 +171,9 @@ class ControlPlane:
             log.info("published %d document(s) again into a new NATS store", len(items))
         return len(items)
 
-    def redeliver(self) -> int:
-        """Give the node agent every serving SVID and the trust bundle again; returns how many SVIDs."""
-        roots = self.bundle()
+    def redeliver(self, roots: tuple[bytes, ...]) -> int:
+        """Give the node agent every serving SVID and the trust bundle (`roots`, as `bundle()` reads them) again;
+        returns how many SVIDs."""
         if roots:
             self.agent.publish_bundle(self.trust_domain, roots)
         n = 0

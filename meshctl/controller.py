@@ -62,6 +62,7 @@ from actions.kube import (
 )
 from actions.webhook import WebhookServer
 from catalog.inject import NATS_PORT, NATS_SERVICE, InjectionValues, admission_response
+from engine.executor import bundled_generations
 from engine.kube import KubeWiring, trim
 from meshctl import logs
 from store import Store
@@ -282,7 +283,7 @@ class Controller:
             now = self.clock.now()
             if self.webhook is not None and self._webhook_renew_at is not None and now >= self._webhook_renew_at:
                 self.webhook.set_certificate(*self._sign_webhook(plane))
-            bundle = pem(plane.ca.trust_anchors(self._generations(plane)))
+            bundle = pem(plane.ca.trust_anchors(bundled_generations(plane.store)))
             if bundle != self._bundle:
                 if self.config.injection is not None:
                     changed = patch_webhook_ca_bundle(self.api, bundle, self.config.webhook_configuration)
@@ -291,12 +292,6 @@ class Controller:
                 self._bundle = bundle
         except ActionError as exc:  # tried again at the next check, long before the certificate ends
             log.warning("controller: webhook TLS: %s", exc.reason)
-
-    @staticmethod
-    def _generations(plane: ControlPlane) -> tuple[str, ...]:
-        from engine.executor import BUNDLED
-
-        return tuple(sorted(c.key for c in plane.store.list("ca", states=BUNDLED)))
 
     def _namespace_labels(self, name: str) -> Mapping[str, str] | None:
         """The labels the webhook decides by: the watch's, else (a Namespace created just before its pods, whose
@@ -308,11 +303,7 @@ class Controller:
                 return labels
         return namespace_labels(self.api, name, timeout=NAMESPACE_READ_TIMEOUT)
 
-    # ---- for tests and the command's status line ---------------------------------------------------------------------
-    @property
-    def webhook_url(self) -> str | None:
-        return self.webhook.url if self.webhook is not None else None
-
+    # ---- for tests ---------------------------------------------------------------------------------------------------
     def wait_leading(self, timeout: float) -> bool:
         return self.leading.wait(timeout)
 

@@ -95,12 +95,7 @@ class BadEnvelope(ValueError):
 
 def parse_envelope(data: bytes, sidecar: str) -> tuple[int, dict[str, Any]]:
     """(generation, document) of a KV value meant for `sidecar`; BadEnvelope otherwise."""
-    try:
-        value = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadEnvelope(f"not JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise BadEnvelope("not a JSON object")
+    value = parse_json_object(data)
     if value.get("sidecar") != sidecar:
         raise BadEnvelope(f"meant for {value.get('sidecar')!r}")
     generation, document = value.get("generation"), value.get("document")
@@ -126,8 +121,8 @@ def wanted_shards(document: dict[str, Any]) -> dict[str, str]:
     return dict(shards)
 
 
-def parse_shard(data: bytes) -> dict[str, Any]:
-    """A shard's bytes as JSON; BadEnvelope when they are not a JSON object."""
+def parse_json_object(data: bytes) -> dict[str, Any]:
+    """A KV value (an envelope or a shard) as JSON; BadEnvelope when it is not a JSON object."""
     try:
         value = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -435,7 +430,7 @@ class ConfigClient:
     async def _verified(self, namespace: str, want: str, data: bytes) -> dict[str, Any] | None:
         """Parse bytes whose digest is `want` (checked by the caller) and hold them."""
         try:
-            parsed = await asyncio.to_thread(parse_shard, data)
+            parsed = await asyncio.to_thread(parse_json_object, data)
         except BadEnvelope as exc:  # the digest matched: the control plane published a broken shard
             log.warning("%s: the shard of namespace %s is unusable: %s", self.sidecar, namespace, exc)
             return None

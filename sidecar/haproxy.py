@@ -117,7 +117,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -901,13 +901,3 @@ def parse_map(text: str) -> dict[str, str]:
             key, _, value = line.partition(" ")
             out[key] = value.strip()
     return out
-
-
-def backends_of(config: ProxyConfig) -> list[str]:
-    """The backend names of a configuration, in order."""
-    return [line.split()[1] for line in config.text.splitlines() if line.startswith("backend ")]
-
-
-def servers_of(config: ProxyConfig, backend: str) -> Iterable[tuple[str, Server]]:
-    prefix = backend + "/"
-    return ((k[len(prefix):], v) for k, v in config.servers.items() if k.startswith(prefix))

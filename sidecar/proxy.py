@@ -212,12 +212,6 @@ class Proxy:
             self._reload(current, config)
             return "reload"
 
-    def reload(self) -> None:
-        """Reload the configuration on disk (a new worker; the listening sockets are kept)."""
-        with self._lock:
-            self._require_running()
-            self.master.reload()
-
     def _reload(self, current: ProxyConfig, config: ProxyConfig) -> None:
         self._write_config(config)
         try:

@@ -30,7 +30,6 @@ import io
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -143,14 +142,8 @@ class RuntimeApi:
     def set_server_state(self, backend: str, server: str, state: str) -> None:
         self.run(f"set server {backend}/{server} state {state}")
 
-    def set_server_weight(self, backend: str, server: str, weight: int) -> None:
-        self.run(f"set server {backend}/{server} weight {weight}")
-
     def add_map(self, map_file: str, key: str, value: str) -> None:
         self.run(f"add map {map_file} {key} {value}")
-
-    def set_map(self, map_file: str, key: str, value: str) -> None:
-        self.run(f"set map {map_file} {key} {value}")
 
     def del_map(self, map_file: str, key: str) -> None:
         self.run(f"del map {map_file} {key}")
@@ -257,7 +250,3 @@ class MasterCli:
     def worker_pids(self) -> list[int]:
         """Every worker still alive: the current one first, then old ones finishing their connections."""
         return [int(p["pid"]) for p in self.show_proc() if p["type"] == "worker"]
-
-
-def socket_exists(path: str | Path) -> bool:
-    return Path(path).is_socket()

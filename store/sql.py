@@ -287,8 +287,7 @@ class Store(WorldTables):
         except IntegrityError:
             # A concurrent writer created the entity (or journaled this version) first.
             raise StaleVersion(t.kind, t.key, t.expected_version) from None
-        entity = Entity(t.kind, t.key, t.to_state, version, 0, None, t.due_at, dict(t.data), created, t.at)
-        return entity, pending
+        return _committed(t, version, created), pending
 
     def apply_all(self, transitions: Sequence[Transition]
                   ) -> builtins.list[tuple[Entity, builtins.list[PendingEffect]]]:
@@ -296,16 +295,17 @@ class Store(WorldTables):
         race) or EffectGone leave nothing written. One commit instead of one each: what a change reaching a thousand
         sidecars at once needs."""
         out: builtins.list[tuple[Entity, builtins.list[PendingEffect]]] = []
+        current: Transition | None = None
         try:
             with self._transaction() as conn:
-                for t in transitions:
-                    version = t.expected_version + 1
-                    created, pending = self._write(conn, t, version)
-                    out.append((Entity(t.kind, t.key, t.to_state, version, 0, None, t.due_at, dict(t.data), created,
-                                       t.at), pending))
+                for current in transitions:
+                    version = current.expected_version + 1
+                    created, pending = self._write(conn, current, version)
+                    out.append((_committed(current, version, created), pending))
         except IntegrityError:
-            first = transitions[0]
-            raise StaleVersion(first.kind, first.key, first.expected_version) from None
+            # Raised by the write of `current` (or, should the database defer it, at commit: then the last one).
+            assert current is not None
+            raise StaleVersion(current.kind, current.key, current.expected_version) from None
         return out
 
     def get_many(self, kind: str, keys: Sequence[str]) -> dict[str, Entity]:
@@ -456,6 +456,11 @@ def _one_statement(create: bool, consumes: bool, effects: int) -> TextualSelect:
            f"{'(SELECT count(*) FROM x)' if consumes else 'NULL'} AS answerable, "
            f"{'ARRAY(SELECT id FROM o)' if effects else 'NULL'} AS ids")
     return text(sql).bindparams(*binds).columns(created_at=UtcDateTime(), answerable=Integer(), ids=ARRAY(BigInteger()))
+
+
+def _committed(t: Transition, version: int, created: datetime) -> Entity:
+    """The entity as `t` left it, once committed: what `apply` and `apply_all` hand back."""
+    return Entity(t.kind, t.key, t.to_state, version, 0, None, t.due_at, dict(t.data), created, t.at)
 
 
 def _write_in_one_statement(conn: Connection, t: Transition,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -664,15 +664,25 @@ def test_a_workload_without_the_meshs_bundle_is_refused_by_the_other(tmp_path: P
     assert refused_for_trust(mtls(tmp_path / "b", client=api, server=stranger), by="client")
 
 
-def _rotation(ca: MeshCa, folder: Path, bundle_both: tuple[x509.Certificate, ...],
-              bundle_new: tuple[x509.Certificate, ...], old: Issued, new: Issued) -> Iterator[tuple[str, bool]]:
-    """Each handshake of a rotation, named, with whether it went through."""
+# A root rotation: old and new leaves trust each other while the bundle holds both roots, and no longer after.
+_TRUSTED_WHILE_BOTH_ROOTS = {
+    "old client, new server, both roots": True,
+    "new client, old server, both roots": True,
+    "old client, new server, new root only": False,
+    "new client, old server, new root only": False,
+}
+
+
+def _rotation(ca: MeshCa, folder: Path, old: Issued, new: Issued) -> dict[str, bool]:
+    """Each handshake of a rotation from generation 1 to 2, named, with whether it went through."""
+    bundle_both, bundle_new = ca.trust_anchors(("1", "2")), ca.trust_anchors(("2",))
     cases = {
         "old client, new server, both roots": (Peer.of(old, bundle_both), Peer.of(new, bundle_both)),
         "new client, old server, both roots": (Peer.of(new, bundle_both), Peer.of(old, bundle_both)),
         "old client, new server, new root only": (Peer.of(old, bundle_new), Peer.of(new, bundle_new)),
         "new client, old server, new root only": (Peer.of(new, bundle_new), Peer.of(old, bundle_new)),
     }
+    outcome: dict[str, bool] = {}
     for i, (name, (client, server)) in enumerate(cases.items()):
         h = mtls(folder / str(i), client=client, server=server)
         if h.ok:
@@ -680,7 +690,8 @@ def _rotation(ca: MeshCa, folder: Path, bundle_both: tuple[x509.Certificate, ...
                                                     svid_spiffe_id(client.certs[0]))
         else:  # refused because of trust, by whichever side got the old leaf
             assert refused_for_trust(h, by="server" if client.certs[0] is old.certificate else "client"), name
-        yield name, h.ok
+        outcome[name] = h.ok
+    return outcome
 
 
 def test_during_a_root_rotation_old_and_new_leaves_trust_each_other_until_the_old_root_leaves_the_bundle(
@@ -693,14 +704,7 @@ def test_during_a_root_rotation_old_and_new_leaves_trust_each_other_until_the_ol
     new = ca.sign_svid(API, ("api.shop.pod",), HOUR)
     assert (old.generation, new.generation) == ("1", "2")
 
-    outcome = dict(_rotation(ca, tmp_path / "tls", ca.trust_anchors(("1", "2")), ca.trust_anchors(("2",)), old, new))
-
-    assert outcome == {
-        "old client, new server, both roots": True,
-        "new client, old server, both roots": True,
-        "old client, new server, new root only": False,
-        "new client, old server, new root only": False,
-    }
+    assert _rotation(ca, tmp_path / "tls", old, new) == _TRUSTED_WHILE_BOTH_ROOTS
 
 
 def test_under_one_upstream_an_intermediate_rotation_keeps_the_bundle_so_old_leaves_stay_trusted(
@@ -716,7 +720,7 @@ def test_under_one_upstream_an_intermediate_rotation_keeps_the_bundle_so_old_lea
     # valid until they expire (one SVID TTL at most).
     assert ca.trust_anchors(("2",)) == ca.trust_anchors(("1", "2"))
 
-    outcome = dict(_rotation(ca, tmp_path / "tls", ca.trust_anchors(("1", "2")), ca.trust_anchors(("2",)), old, new))
+    outcome = _rotation(ca, tmp_path / "tls", old, new)
 
     assert all(outcome.values()), outcome
 
@@ -735,14 +739,7 @@ def test_when_the_upstream_root_changes_old_and_new_leaves_trust_each_other_unti
     new = ca.sign_svid(API, ("api.shop.pod",), HOUR)
     assert ca.trust_anchors(("1", "2")) == (first.root, second.root)
 
-    outcome = dict(_rotation(ca, tmp_path / "tls", ca.trust_anchors(("1", "2")), ca.trust_anchors(("2",)), old, new))
-
-    assert outcome == {
-        "old client, new server, both roots": True,
-        "new client, old server, both roots": True,
-        "old client, new server, new root only": False,
-        "new client, old server, new root only": False,
-    }
+    assert _rotation(ca, tmp_path / "tls", old, new) == _TRUSTED_WHILE_BOTH_ROOTS
 
 
 def test_an_expired_leaf_no_longer_verifies(ca: MeshCa, clock: FakeClock):

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
-import select
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,7 +32,7 @@ from actions.iptables import (
     render_rules,
     render_rules6,
 )
-from actions.netns import HostNetwork, NetnsError, PodNet, run, spawn
+from actions.netns import HostNetwork, NetnsError, PodNet, run
 from tests.support.netns import connect, start_listener
 
 GOLDEN = Path(__file__).parent / "golden" / "iptables"
@@ -201,61 +199,13 @@ class Listeners:
     def __init__(self) -> None:
         self.procs: list[subprocess.Popen[str]] = []
 
-    def start(self, pod: PodNet, port: int, uid: int | None = None) -> None:
-        self.procs.append(start_listener(pod, port, uid=uid))
+    def start(self, pod: PodNet, port: int, uid: int | None = None, host: str = "0.0.0.0") -> None:
+        self.procs.append(start_listener(pod, port, host=host, uid=uid))
 
     def close(self) -> None:
         for proc in self.procs:
             proc.kill()
             proc.communicate(timeout=10)
-
-
-# An IPv6 listener (tests.support.netns' is IPv4 only): answers each connection with "accepted" and closes.
-LISTENER6 = r"""
-import socket, sys
-server = socket.socket(socket.AF_INET6)
-server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-server.bind(("::", int(sys.argv[1])))
-server.listen(16)
-server.settimeout(60)
-print("ready", flush=True)
-while True:
-    try:
-        conn, _ = server.accept()
-    except TimeoutError:
-        break
-    with conn:
-        conn.sendall(b"accepted\n")
-"""
-
-# Prints "accepted", "refused" (a reset), "timeout" (5 s) or "closed".
-CONNECT6 = r"""
-import socket, sys
-client = socket.socket(socket.AF_INET6)
-client.settimeout(5)
-try:
-    client.connect((sys.argv[1], int(sys.argv[2])))
-    print(client.recv(64).decode().strip() or "closed")
-except ConnectionRefusedError:
-    print("refused")
-except TimeoutError:
-    print("timeout")
-"""
-
-
-def start_listener6(group: Listeners, pod: PodNet, port: int) -> None:
-    proc = spawn(pod, [sys.executable, "-c", LISTENER6, str(port)], uid=NOBODY, stdout=subprocess.PIPE,
-                 stderr=subprocess.STDOUT, text=True)
-    group.procs.append(proc)
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], 10)
-    line = proc.stdout.readline().strip() if ready else "(nothing within 10 s)"
-    assert line == "ready", f"IPv6 listener on port {port} in {pod.name}: {line}"
-
-
-def connect6(pod: PodNet, host: str, port: int) -> str:
-    return run(pod, [sys.executable, "-c", CONNECT6, host, str(port)], uid=NOBODY, timeout=15).stdout.strip()
 
 
 @pytest.fixture
@@ -414,18 +364,23 @@ def test_ipv6_inbound_tcp_is_refused_except_admin_and_ignored_ports_while_the_po
         dual_stack: tuple[tuple[PodNet, str], tuple[PodNet, str]], listeners: Listeners) -> None:
     (pod, pod6), (other, other6) = dual_stack
     for port in (8080, 9100, 15021):
-        start_listener6(listeners, pod, port)
-    start_listener6(listeners, other, 8080)
-    assert connect6(other, pod6, 8080) == "accepted"  # without the rules, IPv6 reaches the application directly
+        listeners.start(pod, port, uid=NOBODY, host="::")
+    listeners.start(other, 8080, uid=NOBODY, host="::")
+
+    def landed(source: PodNet, host: str, port: int) -> str:
+        """Where an IPv6 connection landed ("<local address>:<port>"), or "refused"/"timeout"."""
+        return connect(source, host, port, uid=NOBODY).split()[0]
+
+    assert landed(other, pod6, 8080) == f"{pod6}:8080"  # without the rules, IPv6 reaches the application directly
     result = install(InitSettings(ignore_incoming_ports=(53, 9100)), netns=pod.netns)
     assert result.rules6 is not None and result.ipv6_gap == ""
-    assert connect6(other, pod6, 8080) == "refused"  # a reset: the sidecar is not on IPv6, so nothing may pass
-    assert connect6(other, pod6, 15021) == "accepted"  # readiness/liveness
-    assert connect6(other, pod6, 9100) == "accepted"  # an ignored incoming port
+    assert landed(other, pod6, 8080) == "refused"  # a reset: the sidecar is not on IPv6, so nothing may pass
+    assert landed(other, pod6, 15021) == f"{pod6}:15021"  # readiness/liveness
+    assert landed(other, pod6, 9100) == f"{pod6}:9100"  # an ignored incoming port
     # The pod's own outbound IPv6 connection gets its replies (not proxied), and loopback is left alone.
-    assert connect6(pod, other6, 8080) == "accepted"
-    assert connect6(pod, "::1", 8080) == "accepted"
-    assert connect6(pod, pod6, 8080) == "accepted"  # its own address, over lo
+    assert landed(pod, other6, 8080) == f"{other6}:8080"
+    assert landed(pod, "::1", 8080) == "::1:8080"
+    assert landed(pod, pod6, 8080) == f"{pod6}:8080"  # its own address, over lo
 
 
 @pytest.mark.integration

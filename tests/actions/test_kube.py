@@ -29,17 +29,9 @@ from actions.kube import (
     patch_webhook_ca_bundle,
     pod_path,
 )
+from tests.support.wait import eventually as wait_for
 
 BOUND = 5.0  # seconds any condition may take to hold; never a timing threshold, only a bound on waiting
-
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    done = threading.Event()
-    for _ in range(int(BOUND / 0.01)):
-        if condition():
-            return
-        done.wait(0.01)
-    raise AssertionError(f"not within {BOUND} s: {what}")
 
 
 def pod(name: str, namespace: str = "shop", **spec: Any) -> dict[str, Any]:

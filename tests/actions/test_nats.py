@@ -50,6 +50,7 @@ from catalog.subjects import (
 from sidecar.config import BadEnvelope, ConfigClient, parse_envelope, wanted_shards
 from tests.catalog import topology
 from tests.support.natspki import Svid, TestPki, client_context
+from tests.support.wait import eventually
 
 T = TypeVar("T")
 WAIT = 20.0  # seconds: generous, never a measurement
@@ -355,6 +356,17 @@ async def _next_error(errors: asyncio.Queue[Exception]) -> str:
     return str(await asyncio.wait_for(errors.get(), WAIT)).lower()  # nats-py lower-cases the server's text
 
 
+def _assert_unauthorised(url: str, ctx: ssl.SSLContext) -> None:
+    """A connection with this certificate is refused by the server's authorization (not by TLS)."""
+    async def attempt() -> None:
+        with pytest.raises(nats.errors.Error) as refused:
+            await _raw(url, ctx)
+        assert isinstance(refused.value, nats.errors.AuthorizationError) or "authorization violation" in str(
+            refused.value).lower()
+
+    asyncio.run(attempt())
+
+
 @pytest.mark.integration
 def test_a_sidecar_receives_its_own_document_and_acknowledges_it(mesh: Mesh) -> None:
     web = mesh.sidecar(WEB, ("default", "web"))
@@ -461,13 +473,7 @@ def test_pods_sharing_a_service_account_share_their_identitys_subjects(mesh_fact
 def test_an_identity_the_mesh_does_not_know_is_refused(mesh: Mesh) -> None:
     stranger = mesh.pki.svid("default", "stranger", dns_name="web.default.svc")
 
-    async def attempt() -> None:
-        with pytest.raises(nats.errors.Error) as refused:
-            await _raw(mesh.server.url, stranger.context())
-        assert isinstance(refused.value, nats.errors.AuthorizationError) or "authorization violation" in str(
-            refused.value).lower()
-
-    asyncio.run(attempt())
+    _assert_unauthorised(mesh.server.url, stranger.context())
 
 
 @pytest.mark.integration
@@ -561,7 +567,7 @@ def test_a_sidecar_offline_during_three_publishes_gets_the_latest_when_it_reconn
     try:
         web = mesh.sidecar(WEB, ("default", "web"), url=f"tls://127.0.0.1:{cable.port}")
         cable.cut()
-        assert _wait_for(lambda: not web.client.connected.is_set())
+        eventually(lambda: not web.client.connected.is_set(), "not web.client.connected.is_set()")
         for generation in (1, 2, 3):
             mesh.publish(WEB, generation, version=generation)
         cable.mend()
@@ -570,15 +576,6 @@ def test_a_sidecar_offline_during_three_publishes_gets_the_latest_when_it_reconn
         assert web.applied.empty()
     finally:
         cable.close()
-
-
-def _wait_for(condition: Callable[[], bool]) -> bool:
-    done = threading.Event()
-    for _ in range(int(WAIT / 0.01)):
-        if condition():
-            return True
-        done.wait(0.01)
-    return condition()
 
 
 @pytest.mark.integration
@@ -637,13 +634,7 @@ def test_a_removed_sidecar_loses_access(mesh_factory: Callable[..., Mesh]) -> No
         pass  # first the closed connection (an unexpected EOF), then the refusals of its reconnects
     assert not api_car.client.connected.is_set()
 
-    async def api_again() -> None:
-        with pytest.raises(nats.errors.Error) as refused:
-            await _raw(mesh.server.url, api.context())
-        assert isinstance(refused.value, nats.errors.AuthorizationError) or "authorization violation" in str(
-            refused.value).lower()
-
-    asyncio.run(api_again())
+    _assert_unauthorised(mesh.server.url, api.context())
 
     # ... and refuses it again to anyone of that identity.
     async def web_two() -> None:
@@ -684,7 +675,7 @@ def test_deleting_a_document_tells_its_sidecar(mesh: Mesh) -> None:
     mesh.publish(WEB, 1, n=1)
     assert web.next_applied() == {"n": 1}
     mesh.publisher.delete(WEB)
-    assert _wait_for(lambda: web.client.removed)
+    eventually(lambda: web.client.removed, "web.client.removed")
 
 
 # ---- outbound shards on a real server ------------------------------------------------------------------------
@@ -726,7 +717,7 @@ def test_a_document_waits_unacknowledged_until_every_shard_it_names_matches(mesh
     mesh.publisher.publish_shard("shop", SHOP)  # an older shop: not the bytes the document names
     web = mesh.sidecar(WEB, ("default", "web"))
     mesh.publish(WEB, 1, outbound=_outbound(shop=SHOP_V2, pay=PAY))  # and pay is not stored at all yet
-    assert _wait_for(lambda: web.client.pending_generation == 1)
+    eventually(lambda: web.client.pending_generation == 1, "web.client.pending_generation == 1")
     assert web.applied.empty() and mesh.acks.empty() and web.client.applied_generation == 0
     mesh.publisher.publish_shard("pay", PAY)
     mesh.publisher.publish_shard("shop", SHOP_V2)
@@ -744,9 +735,9 @@ def test_a_document_waiting_for_a_shard_stored_while_its_sidecar_was_away_is_app
     try:
         web = mesh.sidecar(WEB, ("default", "web"), url=f"tls://127.0.0.1:{cable.port}")
         mesh.publish(WEB, 1, outbound=_outbound(shop=SHOP))
-        assert _wait_for(lambda: web.client.pending_generation == 1)
+        eventually(lambda: web.client.pending_generation == 1, "web.client.pending_generation == 1")
         cable.cut()
-        assert _wait_for(lambda: not web.client.connected.is_set())
+        eventually(lambda: not web.client.connected.is_set(), "not web.client.connected.is_set()")
         mesh.publisher.publish_shard("shop", SHOP)  # its live message never reaches the sidecar
         cable.mend()
         assert web.next_apply()[1] == {"shop": json.loads(SHOP)}  # read again after the reconnect
@@ -814,13 +805,7 @@ def test_every_sidecar_identity_may_read_every_shard_none_may_write_one_and_a_st
     for who in (("default", "web"), ("shop", "cart")):  # two identities, neither of them the namespace's
         asyncio.run(attempt(mesh.svid(*who)))
 
-    async def stranger_attempt() -> None:
-        with pytest.raises(nats.errors.Error) as refused:
-            await _raw(mesh.server.url, stranger.context())
-        assert isinstance(refused.value, nats.errors.AuthorizationError) or "authorization violation" in str(
-            refused.value).lower()
-
-    asyncio.run(stranger_attempt())
+    _assert_unauthorised(mesh.server.url, stranger.context())
 
 
 @pytest.mark.integration
@@ -844,11 +829,11 @@ def test_the_publisher_stores_a_shard_again_unless_this_connection_saw_those_byt
         publisher.publish_shard("shop", SHOP_V2)
         assert spy.count(shard_subject("shop")) == 4
         cable.cut()
-        assert _wait_for(lambda: not publisher.connected())
+        eventually(lambda: not publisher.connected(), "not publisher.connected()")
         with pytest.raises(TemporaryError):
             publisher.publish_shard("shop", SHOP_V2)
         cable.mend()
-        assert _wait_for(publisher.connected)
+        eventually(publisher.connected, "publisher.connected")
         publisher.publish_shard("shop", SHOP_V2)  # the server may have come back with another store
         assert spy.count(shard_subject("shop")) == 5
     finally:

@@ -8,8 +8,7 @@ import socket
 import stat
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -29,6 +28,7 @@ from actions.nodeagent import (
     socket_path,
 )
 from tests.support.pki import Authority, Leaf
+from tests.support.wait import eventually as wait_for
 
 WAIT = 10.0  # generous: only a broken agent ever waits this long
 TRUST_DOMAIN = "example.org"
@@ -58,15 +58,6 @@ def spiffe_id(name: str) -> str:
 def material(cert: str, leaf: Leaf, name: str) -> SvidMaterial:
     return SvidMaterial(cert=cert, spiffe_id=spiffe_id(name), chain=leaf.chain, key=leaf.key_der,
                         not_after=leaf.not_after)
-
-
-def wait_for(condition: Callable[[], bool], what: str) -> None:
-    """Polls `condition` until it holds; fails after WAIT seconds."""
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        threading.Event().wait(0.005)
 
 
 def raw_stream(path: Path, method: str = "FetchX509SVID", metadata: tuple[tuple[str, str], ...] = HEADER,

@@ -25,6 +25,7 @@ from actions.clock import SystemClock
 from actions.errors import PermanentError
 from actions.webhook import Served, WebhookServer
 from catalog.inject import InjectionValues, admission_response, apply_patch, inject
+from tests.support.wait import eventually as wait_until
 
 GOLDEN_VALUES = Path(__file__).resolve().parents[1] / "catalog" / "golden" / "inject" / "values.yaml"
 VALUES = InjectionValues.from_values(yaml.safe_load(GOLDEN_VALUES.read_text()))
@@ -193,14 +194,6 @@ def test_a_silent_client_blocks_nobody_and_is_dropped_after_the_timeout(pki: Pki
             assert silent.recv(1) == b""  # the server hung up on it (recv waits at most the socket's 10 s)
         finally:
             silent.close()
-
-
-def wait_until(condition: Callable[[], bool], what: str, bound: float = 10.0) -> None:
-    """Poll `condition` until true, failing after `bound` seconds."""
-    ends = time.monotonic() + bound
-    while not condition():
-        assert time.monotonic() < ends, f"not within {bound} s: {what}"
-        time.sleep(0.01)
 
 
 def test_connections_beyond_the_cap_are_closed_at_once_and_served_again_once_others_end(pki: Pki) -> None:

@@ -36,8 +36,9 @@ from actions.ca import pem
 from actions.clock import SystemClock
 from engine import views
 from sidecar.haproxy import ACCESS_DENIED_STATUS, CLIENT_ID_HEADER, RATE_LIMITED_STATUS
-from tests.support.mesh import ECHO_APP, PYTHON, LocalMesh, MeshPod, eventually, state_directory
+from tests.support.mesh import ECHO_APP, PYTHON, LocalMesh, MeshPod, state_directory
 from tests.support.netns import make_host_network
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration
 

@@ -40,11 +40,11 @@ class World:
         self.engine = Engine(self.store, actions, self.clock, policy=POLICY, jitter=lambda: 0.5)
         self.handshakes = 0
 
-    def request(self, owner: str) -> None:
+    def request(self, owner: str, *, drain: bool = True) -> None:
         sa = owner.split("/")[1].split("-")[0]
         self.engine.fire("cert", f"{owner}/1", "request",
                          {"owner": owner, "spiffe_id": f"spiffe://example.org/ns/shop/sa/{sa}",
-                          "dns_names": [f"{sa}.shop.svc"], "index": 1})
+                          "dns_names": [f"{sa}.shop.svc"], "index": 1}, drain=drain)
 
     def peer(self, owner: str) -> Peer:
         return Peer.served(self.delivery.material[owner], self.delivery.bundle)
@@ -119,9 +119,7 @@ def test_the_vault_keeps_only_each_owners_newest_delivered_svid(world: World) ->
 
 def test_a_signed_svid_lost_before_delivery_is_signed_again_after_the_retry_wait(world: World) -> None:
     ensure_ca(world.engine)
-    world.engine.fire("cert", f"{WEB}/1", "request",
-                      {"owner": WEB, "spiffe_id": "spiffe://example.org/ns/shop/sa/web", "dns_names": ["web.shop.svc"],
-                       "index": 1}, drain=False)
+    world.request(WEB, drain=False)
     [sign] = world.engine.discard_work()
     world.engine.run_effect(sign)
     [deliver] = world.engine.discard_work()
@@ -136,9 +134,7 @@ def test_a_signed_svid_lost_before_delivery_is_signed_again_after_the_retry_wait
 
 def test_a_certificate_revoked_while_its_signature_waited_is_never_signed_and_leaves_no_key(world: World) -> None:
     ensure_ca(world.engine)
-    world.engine.fire("cert", f"{WEB}/1", "request",
-                      {"owner": WEB, "spiffe_id": "spiffe://example.org/ns/shop/sa/web", "dns_names": ["web.shop.svc"],
-                       "index": 1}, drain=False)
+    world.request(WEB, drain=False)
     [sign] = world.engine.discard_work()
     world.engine.fire("cert", f"{WEB}/1", "revoke", actor="platform")
     world.engine.run_effect(sign)

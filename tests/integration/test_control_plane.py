@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +21,11 @@ from engine.plane import ControlPlane, PlaneConfig
 from sidecar.config import ConfigClient, tls_context
 from store import Store, migrate, sqlite_url
 from tests.catalog import topology
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration
 WAIT = 30.0  # how long something broken may take to be noticed; not how long anything should take
 WEB, DB = "shop/web-1", "shop/db-0"
-
-
-def eventually(what: Callable[[], bool], message: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not what():
-        assert time.monotonic() < deadline, message
-        time.sleep(0.02)
 
 
 @pytest.fixture

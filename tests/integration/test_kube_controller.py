@@ -19,8 +19,7 @@ import json
 import socket
 import ssl
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import IPv4Address
@@ -41,23 +40,13 @@ from meshctl.cli import main
 from meshctl.controller import Controller, ControllerConfig, load_values
 from store import Store, migrate, sqlite_url
 from tests.support.kube import KubeAPI, unique_name
+from tests.support.wait import eventually as wait_for
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "meshloom"
 BOUND = 60.0  # seconds any condition may take on two busy cores; a bound on waiting, not a measurement
-
-
-def wait_for(condition: Callable[[], Any], what: str, bound: float = BOUND) -> Any:
-    deadline = time.monotonic() + bound
-    pause = threading.Event()
-    while time.monotonic() < deadline:
-        got = condition()
-        if got:
-            return got
-        pause.wait(0.1)
-    raise AssertionError(f"not within {bound:.0f} s: {what}")
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from catalog.inject import INIT_NAME, SIDECAR_NAME, inject
-from tests.meshctl.test_cli import MESHCTL
+from tests.meshctl.support import MESHCTL
 from tests.support.webhook import Injector, contract_values, running_injector
 
 pytestmark = pytest.mark.integration

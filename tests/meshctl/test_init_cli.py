@@ -5,30 +5,15 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from actions.iptables import Backend
 from actions.netns import HostNetwork, run
-from meshctl.cli import main
+from tests.meshctl.support import MESHCTL, meshctl, one_line
 
-MESHCTL = str(Path(sys.executable).with_name("meshctl"))
 GOLDEN = Path(__file__).parents[1] / "actions" / "golden" / "iptables"
-
-
-def meshctl(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line(err: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def test_dry_run_prints_the_ipv4_then_the_ipv6_rules_and_changes_nothing(capsys: pytest.CaptureFixture[str]) -> None:

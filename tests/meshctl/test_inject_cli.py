@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from meshctl.cli import main
-from tests.meshctl.test_cli import MESHCTL, one_line, run
+from tests.meshctl.support import MESHCTL, meshctl, one_line
 
 GOLDEN = Path(__file__).resolve().parents[1] / "catalog" / "golden" / "inject"
 VALUES = GOLDEN / "values.yaml"
@@ -31,7 +31,7 @@ def inputs() -> list[Path]:
 @pytest.mark.parametrize("source", inputs(), ids=lambda p: p.name.split(".")[0])
 def test_the_output_for_each_kind_is_its_golden_copy(capsys: pytest.CaptureFixture[str], source: Path) -> None:
     fmt = "json" if source.suffix == ".json" else "yaml"
-    code, out, err = run(capsys, "inject", "-f", str(source), "--values", str(VALUES), "-o", fmt)
+    code, out, err = meshctl(capsys, "inject", "-f", str(source), "--values", str(VALUES), "-o", fmt)
     assert code == 0, err
     out_file = GOLDEN / source.name.replace(".in.", ".out.")
     err_file = GOLDEN / f"{source.name.split('.')[0]}.err.txt"
@@ -63,7 +63,7 @@ def test_every_injected_document_passes_kubernetes_strict_schema(output: Path) -
 def test_documents_not_injected_pass_through_unchanged_with_the_reason_on_stderr(
         capsys: pytest.CaptureFixture[str]) -> None:
     source = GOLDEN / "multi.in.yaml"
-    code, out, err = run(capsys, "inject", "-f", str(source), "--values", str(VALUES))
+    code, out, err = meshctl(capsys, "inject", "-f", str(source), "--values", str(VALUES))
     assert code == 0
     assert list(yaml.safe_load_all(out)) == list(yaml.safe_load_all(source.read_text()))  # nothing here is injected
     assert err.splitlines() == [
@@ -77,7 +77,7 @@ def test_documents_not_injected_pass_through_unchanged_with_the_reason_on_stderr
 
 
 def test_the_port_flags_reach_the_init_container(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "inject", "-f", str(GOLDEN / "job.in.yaml"), "--values", str(VALUES),
+    code, out, err = meshctl(capsys, "inject", "-f", str(GOLDEN / "job.in.yaml"), "--values", str(VALUES),
                          "--ignore-incoming-ports", "8081,9000", "--ignore-outgoing-ports", "5432", "-o", "json")
     assert code == 0, err
     init = json.loads(out)["spec"]["template"]["spec"]["initContainers"][0]
@@ -89,12 +89,12 @@ def test_the_port_flags_reach_the_init_container(capsys: pytest.CaptureFixture[s
 def test_standard_input_is_read_with_a_dash(capsys: pytest.CaptureFixture[str],
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "stdin", io.StringIO((GOLDEN / "pod.in.yaml").read_text()))
-    code, out, _ = run(capsys, "inject", "-f", "-", "--values", str(VALUES))
+    code, out, _ = meshctl(capsys, "inject", "-f", "-", "--values", str(VALUES))
     assert code == 0 and out == (GOLDEN / "pod.out.yaml").read_text()
 
 
 def test_the_charts_values_are_used_when_no_values_file_is_given(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, err = run(capsys, "inject", "-f", str(GOLDEN / "pod.in.yaml"))
+    code, out, err = meshctl(capsys, "inject", "-f", str(GOLDEN / "pod.in.yaml"))
     assert code == 0, err
     chart = yaml.safe_load((Path(__file__).resolve().parents[2] / "charts/meshloom/values.yaml").read_text())
     pod = yaml.safe_load(out)
@@ -105,7 +105,7 @@ def test_the_charts_values_are_used_when_no_values_file_is_given(capsys: pytest.
 def test_a_values_file_is_merged_over_the_charts(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     override = tmp_path / "mine.yaml"
     override.write_text("sidecar:\n  image: {tag: '9.9.9'}\n")
-    code, out, err = run(capsys, "inject", "-f", str(GOLDEN / "pod.in.yaml"), "--values", str(override))
+    code, out, err = meshctl(capsys, "inject", "-f", str(GOLDEN / "pod.in.yaml"), "--values", str(override))
     assert code == 0, err
     images = {c["name"]: c["image"] for c in yaml.safe_load(out)["spec"]["containers"]}
     assert images["meshloom-sidecar"].endswith(":9.9.9")
@@ -121,7 +121,7 @@ def test_a_manifest_that_is_not_yaml_is_one_clear_error(capsys: pytest.CaptureFi
                                                         text: str, expected: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    code, out, err = run(capsys, "inject", "-f", str(path), "--values", str(VALUES))
+    code, out, err = meshctl(capsys, "inject", "-f", str(path), "--values", str(VALUES))
     assert code == 2 and out == ""
     line = one_line(err)
     assert line.startswith(f"meshctl: {path}") and expected in line
@@ -137,7 +137,7 @@ def test_a_manifest_that_is_not_yaml_is_one_clear_error(capsys: pytest.CaptureFi
 def test_a_wrong_flag_is_one_line_and_exit_code_2(capsys: pytest.CaptureFixture[str], argv: list[str],
                                                   expected: str) -> None:
     base = ["inject", "-f", str(GOLDEN / "pod.in.yaml"), "--values", str(VALUES)]
-    code, _, err = run(capsys, *base, *argv)
+    code, _, err = meshctl(capsys, *base, *argv)
     assert code == 2
     assert one_line(err).startswith(expected)
 
@@ -146,7 +146,7 @@ def test_wrong_values_are_one_line_naming_the_file_and_the_key(capsys: pytest.Ca
                                                                tmp_path: Path) -> None:
     bad = tmp_path / "values.yaml"
     bad.write_text(VALUES.read_text().replace("admin: 15021", "admin: http"))
-    code, _, err = run(capsys, "inject", "-f", str(GOLDEN / "pod.in.yaml"), "--values", str(bad))
+    code, _, err = meshctl(capsys, "inject", "-f", str(GOLDEN / "pod.in.yaml"), "--values", str(bad))
     assert code == 2
     assert "sidecar.ports.admin: must be a whole number from 1 to 65535, got 'http'" in one_line(err)
     assert str(bad) in err
@@ -158,7 +158,7 @@ def test_a_workload_asking_the_impossible_is_rejected_naming_document_and_field(
     doc["spec"]["template"]["metadata"]["annotations"] = {"config.nsm.nginx.com/mtls-mode": "on"}
     path = tmp_path / "db.yaml"
     path.write_text(yaml.safe_dump(doc))
-    code, out, err = run(capsys, "inject", "-f", str(path), "--values", str(VALUES))
+    code, out, err = meshctl(capsys, "inject", "-f", str(path), "--values", str(VALUES))
     assert code == 7 and out == ""
     assert one_line(err) == ('meshctl: StatefulSet shop/db: spec.template.metadata.annotations'
                              '["config.nsm.nginx.com/mtls-mode"]: must be one of off, permissive, strict, got \'on\'')

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from meshctl.cli import main
+from tests.meshctl.support import refused
 
 SOCKET = "unix:///run/meshloom/agent.sock"
 NATS = "tls://127.0.0.1:4222"
@@ -19,15 +20,6 @@ NATS = "tls://127.0.0.1:4222"
 def no_pod_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("SPIFFE_ENDPOINT_SOCKET", "POD_NAME", "POD_NAMESPACE", "MESHLOOM_NATS_URL", "MESHLOOM_APP_PROBES"):
         monkeypatch.delenv(name, raising=False)
-
-
-def refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    code = main(["sidecar", *argv])
-    out, err = capsys.readouterr()
-    lines = err.strip().splitlines()
-    assert code == 2, err
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -52,7 +44,7 @@ def refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
 ])
 def test_a_flag_that_cannot_work_is_one_line_and_exit_code_2(capsys: pytest.CaptureFixture[str],
                                                              argv: tuple[str, ...], message: str) -> None:
-    assert message in refused(capsys, *argv)
+    assert message in refused(capsys, "sidecar", *argv)
 
 
 def test_the_pod_environment_stands_in_for_the_flags(capsys: pytest.CaptureFixture[str],
@@ -61,13 +53,13 @@ def test_the_pod_environment_stands_in_for_the_flags(capsys: pytest.CaptureFixtu
     monkeypatch.setenv("POD_NAME", "web-1")
     monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", SOCKET)
     monkeypatch.setenv("MESHLOOM_NATS_URL", "tls://nowhere")  # all the others were taken: this one is named
-    assert "--nats-url 'tls://nowhere' is not tls://HOST:PORT" in refused(capsys)
+    assert "--nats-url 'tls://nowhere' is not tls://HOST:PORT" in refused(capsys, "sidecar")
 
 
 def test_app_probes_in_the_environment_that_are_not_json_are_one_line_at_start(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("MESHLOOM_APP_PROBES", '{"/app-health/app/livez": {"port": 8080,')
-    line = refused(capsys, "--sidecar", "shop/web-1", "--workload-socket", SOCKET, "--nats-url", NATS,
+    line = refused(capsys, "sidecar", "--sidecar", "shop/web-1", "--workload-socket", SOCKET, "--nats-url", NATS,
                    "--run-dir", str(tmp_path / "run"))
     assert line.startswith("meshctl: MESHLOOM_APP_PROBES: not JSON (")
     assert not (tmp_path / "run").exists()  # refused before anything started
@@ -76,14 +68,14 @@ def test_app_probes_in_the_environment_that_are_not_json_are_one_line_at_start(
 def test_app_probes_given_as_a_flag_win_over_the_environment_and_are_checked_too(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MESHLOOM_APP_PROBES", "{")
-    line = refused(capsys, "--sidecar", "shop/web-1", "--workload-socket", SOCKET, "--nats-url", NATS,
+    line = refused(capsys, "sidecar", "--sidecar", "shop/web-1", "--workload-socket", SOCKET, "--nats-url", NATS,
                    "--app-probes", '{"/app-health/app/readyz": {"port": 0}}')
     assert "--app-probes: /app-health/app/readyz: port 0 is not a number from 1 to 65535" in line
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="as root any --uid is allowed")
 def test_another_uid_for_haproxy_needs_root(capsys: pytest.CaptureFixture[str]) -> None:
-    line = refused(capsys, "--sidecar", "shop/web-1", "--workload-socket", SOCKET, "--nats-url", NATS,
+    line = refused(capsys, "sidecar", "--sidecar", "shop/web-1", "--workload-socket", SOCKET, "--nats-url", NATS,
                    "--uid", str(os.geteuid() + 1))
     assert f"--uid {os.geteuid() + 1} needs root" in line
 
@@ -98,7 +90,7 @@ def taken_port() -> Iterator[int]:
 
 def test_an_admin_port_already_taken_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                                                  taken_port: int) -> None:
-    line = refused(capsys, "--sidecar", "shop/web-1", "--workload-socket", SOCKET, "--nats-url", NATS,
+    line = refused(capsys, "sidecar", "--sidecar", "shop/web-1", "--workload-socket", SOCKET, "--nats-url", NATS,
                    "--run-dir", str(tmp_path / "run"), "--admin-host", "127.0.0.1", "--admin-port", str(taken_port))
     assert line.startswith(f"meshctl: cannot listen on admin port 127.0.0.1:{taken_port}")
 

@@ -18,7 +18,7 @@ from actions.vault import MemoryVault
 from engine import Engine, ensure_ca
 from store import Store, migrate, sqlite_url
 from tests.catalog import topology
-from tests.meshctl.test_cli import one_line, run
+from tests.meshctl.support import MESHCTL, meshctl, one_line
 
 
 @pytest.fixture(autouse=True)
@@ -50,23 +50,24 @@ def stored(state_dir: Path) -> list[tuple[str, str, str]]:
 
 def test_apply_stores_every_kind_and_a_second_apply_reports_them_unchanged(capsys, tmp_path, state_dir):
     path = write(tmp_path, topology.manifests())
-    code, out, err = run(capsys, "apply", "-f", path, "--state-dir", str(state_dir))
+    code, out, err = meshctl(capsys, "apply", "-f", path, "--state-dir", str(state_dir))
     assert code == 0, err
     assert "trafficsplit/shop/api-canary created" in out and "meshconfig/mesh created" in out
     count = len(stored(state_dir))
     assert count == len(topology.manifests())
-    code, out, _ = run(capsys, "apply", "-f", path, "--state-dir", str(state_dir))
+    code, out, _ = meshctl(capsys, "apply", "-f", path, "--state-dir", str(state_dir))
     assert code == 0 and out.count(" unchanged") == count and "created" not in out
 
 
 def test_get_lists_a_kind_as_a_table_and_shows_one_as_json_or_yaml(capsys, tmp_path, state_dir):
-    run(capsys, "apply", "-f", write(tmp_path, topology.manifests()), "--state-dir", str(state_dir))
-    code, out, _ = run(capsys, "get", "trafficsplit", "--state-dir", str(state_dir))
+    meshctl(capsys, "apply", "-f", write(tmp_path, topology.manifests()), "--state-dir", str(state_dir))
+    code, out, _ = meshctl(capsys, "get", "trafficsplit", "--state-dir", str(state_dir))
     assert code == 0 and "api-canary" in out
-    code, out, _ = run(capsys, "get", "trafficsplit", "shop/api-canary", "-o", "json", "--state-dir", str(state_dir))
+    code, out, _ = meshctl(capsys, "get", "trafficsplit", "shop/api-canary", "-o", "json",
+                           "--state-dir", str(state_dir))
     doc = json.loads(out)
     assert (doc["kind"], doc["metadata"]["name"]) == ("TrafficSplit", "api-canary")
-    code, out, _ = run(capsys, "get", "service", "api", "-n", "shop", "-o", "yaml", "--state-dir", str(state_dir))
+    code, out, _ = meshctl(capsys, "get", "service", "api", "-n", "shop", "-o", "yaml", "--state-dir", str(state_dir))
     assert yaml.safe_load(out)["metadata"] == {"name": "api", "namespace": "shop"}
 
 
@@ -82,10 +83,10 @@ def test_get_lists_a_kind_as_a_table_and_shows_one_as_json_or_yaml(capsys, tmp_p
 ])
 def test_a_bad_document_rejects_the_whole_apply_and_what_was_stored_stays(capsys, tmp_path, state_dir, broken,
                                                                           fragment):
-    run(capsys, "apply", "-f", write(tmp_path, topology.manifests()), "--state-dir", str(state_dir))
+    meshctl(capsys, "apply", "-f", write(tmp_path, topology.manifests()), "--state-dir", str(state_dir))
     before = stored(state_dir)
     good = topology.service("shop", "extra", {"app": "extra"}, [{"name": "http", "port": 80}])
-    code, out, err = run(capsys, "apply", "-f", write(tmp_path, [good, broken], "bad.yaml"),
+    code, out, err = meshctl(capsys, "apply", "-f", write(tmp_path, [good, broken], "bad.yaml"),
                          "--state-dir", str(state_dir))
     assert code == 7 and out == ""
     assert fragment in one_line(err)
@@ -95,21 +96,21 @@ def test_a_bad_document_rejects_the_whole_apply_and_what_was_stored_stays(capsys
 def test_unreadable_yaml_names_the_file_and_line(capsys, tmp_path, state_dir):
     path = tmp_path / "broken.yaml"
     path.write_text("kind: Service\nmetadata: [unclosed\n")
-    code, _, err = run(capsys, "apply", "-f", str(path), "--state-dir", str(state_dir))
+    code, _, err = meshctl(capsys, "apply", "-f", str(path), "--state-dir", str(state_dir))
     assert code == 2 and f"{path}: line" in one_line(err)
 
 
 def test_delete_removes_one_resource_and_refuses_one_a_policy_still_uses(capsys, tmp_path, state_dir):
-    run(capsys, "apply", "-f", write(tmp_path, topology.manifests()), "--state-dir", str(state_dir))
-    code, _, err = run(capsys, "delete", "httproutegroup", "shop/api-routes", "--state-dir", str(state_dir))
+    meshctl(capsys, "apply", "-f", write(tmp_path, topology.manifests()), "--state-dir", str(state_dir))
+    code, _, err = meshctl(capsys, "delete", "httproutegroup", "shop/api-routes", "--state-dir", str(state_dir))
     assert code == 7 and "api-routes" in err
     assert ("httproutegroup", "shop", "api-routes") in stored(state_dir)
-    code, out, _ = run(capsys, "delete", "trafficsplit", "api-canary", "-n", "shop", "--state-dir", str(state_dir))
+    code, out, _ = meshctl(capsys, "delete", "trafficsplit", "api-canary", "-n", "shop", "--state-dir", str(state_dir))
     assert code == 0 and "deleted" in out
     assert ("trafficsplit", "shop", "api-canary") not in stored(state_dir)
-    code, _, err = run(capsys, "delete", "trafficsplit", "shop/api-canary", "--state-dir", str(state_dir))
+    code, _, err = meshctl(capsys, "delete", "trafficsplit", "shop/api-canary", "--state-dir", str(state_dir))
     assert code == 3 and "no such resource" in one_line(err)
-    code, _, err = run(capsys, "get", "gadget", "--state-dir", str(state_dir))
+    code, _, err = meshctl(capsys, "get", "gadget", "--state-dir", str(state_dir))
     assert code == 2 and "unknown kind 'gadget'" in one_line(err)
 
 
@@ -120,30 +121,29 @@ def test_ca_rotate_starts_a_rotation_the_control_plane_carries_out_and_ca_status
     engine = Engine(store, Actions(ca, FakeSvidDelivery(), FakeConfigPublisher(), FakePodPlatform(), MemoryVault()),
                     clock)
     ensure_ca(engine)
-    code, out, err = run(capsys, "ca", "rotate", "--state-dir", str(state_dir))
+    code, out, err = meshctl(capsys, "ca", "rotate", "--state-dir", str(state_dir))
     assert code == 0 and "ca/2: preparing" in out
-    code, _, err = run(capsys, "ca", "rotate", "--state-dir", str(state_dir))
+    code, _, err = meshctl(capsys, "ca", "rotate", "--state-dir", str(state_dir))
     assert code == 6 and "already under way" in one_line(err)
     engine.tick()  # the control plane runs what the CLI committed
-    code, out, _ = run(capsys, "ca", "status", "-o", "json", "--state-dir", str(state_dir))
+    code, out, _ = meshctl(capsys, "ca", "status", "-o", "json", "--state-dir", str(state_dir))
     rows = {r["generation"]: r for r in json.loads(out)}
     assert (rows["1"]["state"], rows["2"]["state"]) == ("retiring", "active")
     assert rows["2"]["active"] and rows["1"]["role"] == "root"
-    code, out, _ = run(capsys, "ca", "status", "--state-dir", str(state_dir))
+    code, out, _ = meshctl(capsys, "ca", "status", "--state-dir", str(state_dir))
     assert "retiring" in out and "GENERATION" in out
     store.close()
 
 
 def test_a_bad_ca_flag_is_one_line_naming_it(capsys, state_dir):
-    code, _, err = run(capsys, "up", "--key-type", "ed448", "--state-dir", str(state_dir))
+    code, _, err = meshctl(capsys, "up", "--key-type", "ed448", "--state-dir", str(state_dir))
     assert code == 2 and "--key-type" in one_line(err)
-    code, _, err = run(capsys, "up", "--svid-ttl", "30s", "--state-dir", str(state_dir))
+    code, _, err = meshctl(capsys, "up", "--svid-ttl", "30s", "--state-dir", str(state_dir))
     assert code == 2 and "--svid-ttl" in one_line(err)
 
 
 def test_node_agent_in_its_own_process_serves_what_the_control_plane_delivers_into_its_feed(tmp_path):
     import subprocess
-    import sys
     import time
 
     from spiffe import WorkloadApiClient
@@ -161,9 +161,8 @@ def test_node_agent_in_its_own_process_serves_what_the_control_plane_delivers_in
     delivery.deliver("shop/web-1", SvidMaterial("shop/web-1/1", "spiffe://example.org/ns/shop/sa/web",
                                                 der_certificates((issued.certificate, *issued.chain)),
                                                 svid_der(issued)[1], issued.not_after))
-    meshctl = str(Path(sys.executable).with_name("meshctl"))
     log = (tmp_path / "agent.log").open("wb")  # a file, not a pipe nobody reads: a full pipe would block the agent
-    agent = subprocess.Popen([meshctl, "node-agent", "--socket-dir", str(sockets), "--feed-dir", str(feed),
+    agent = subprocess.Popen([MESHCTL, "node-agent", "--socket-dir", str(sockets), "--feed-dir", str(feed),
                               "--for", "60"], stderr=log)
     try:
         path = socket_path(sockets, "shop/web-1")

@@ -18,8 +18,7 @@ import socket
 import ssl
 import tempfile
 import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -218,6 +217,16 @@ def free_port(*hosts: str) -> int:
     raise AssertionError("no free port")
 
 
+def inbound_ports(port: int) -> ProxyPorts:
+    """A sidecar whose inbound side is 127.0.0.2:port, in front of an application on 127.0.0.1:port."""
+    return ProxyPorts(inbound=port, inbound_address="127.0.0.2", outbound=free_port(), metrics=free_port())
+
+
+def outbound_ports(port: int) -> ProxyPorts:
+    """A sidecar whose outbound side is 127.0.0.1:port (a Service at 127.0.0.1:port)."""
+    return ProxyPorts(outbound=port, inbound=free_port(), metrics=free_port(), inbound_address="127.0.0.1")
+
+
 class Proxies:
     """Proxies started by one test; all stopped at its end. Each logs to `<run_dir>/haproxy.log`."""
 
@@ -248,18 +257,6 @@ class Proxies:
 def log_of(proxy: Proxy) -> str:
     path = Path(proxy.paths.run_dir) / "haproxy.log"
     return path.read_text(errors="replace") if path.exists() else ""
-
-
-def wait_for(condition: Callable[[], Any], *, within: float = 10.0, what: str = "condition") -> Any:
-    """Poll `condition` until it returns something true (returned), for at most `within` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not met within {within:g}s")
-        time.sleep(0.02)
 
 
 # ------------------------------------------------------------------------------------------- application ---

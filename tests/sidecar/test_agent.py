@@ -13,7 +13,6 @@ import stat
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -44,18 +43,11 @@ from sidecar.agent import (
 )
 from sidecar.haproxy import ProxyPaths, ProxyPorts
 from tests.support.pki import Authority, Leaf
+from tests.support.wait import eventually
 
 WAIT = 10.0  # only a broken agent waits this long
 KEY = "shop/web-1"
 SPIFFE_ID = "spiffe://example.org/ns/shop/sa/web"
-
-
-def eventually(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 # ---- fakes that behave ---------------------------------------------------------------------------------------

@@ -24,15 +24,16 @@ from tests.sidecar.support import (
     endpoint,
     free_port,
     make_svid,
+    outbound_ports,
     rendered,
     request,
     service,
     shard,
     sid,
     split,
-    wait_for,
 )
 from tests.support.pki import Authority
+from tests.support.wait import eventually as wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +48,7 @@ def _doc(*services: OutboundService) -> tuple[dict[str, Any], list[dict[str, Any
 def _start(proxies: Proxies, root: Authority, certs: Path, *services: OutboundService) -> tuple[Proxy, ProxyPorts]:
     doc, shards = _doc(*services)
     q = services[0].ports[0].port
-    ports = ProxyPorts(outbound=q, inbound=free_port(), metrics=free_port(), inbound_address="127.0.0.1")
+    ports = outbound_ports(q)
     proxy, _ = proxies.start(doc, shards, make_svid(root, WEB, certs), bundle(root), ports)
     return proxy, ports
 
@@ -94,7 +95,6 @@ def test_a_split_weight_change_that_keeps_the_sum_is_a_runtime_map_change(
         assert _apply(proxy, ports, api(0, 10)) == "reload"  # a leg with weight 0 had no backend: structure
         assert {request("127.0.0.1", q).body["app"] for _ in range(5)} == {"v2"}
         assert proxy.worker_pids()[0] != workers[0]
-        workers = proxy.worker_pids()
         assert _apply(proxy, ports, api(10, 0)) == "reload"
         assert _apply(proxy, ports, api(9, 1)) == "reload"  # both legs now have backends
         workers = proxy.worker_pids()

@@ -11,6 +11,7 @@ test's pods even if a rule were missing. HAProxy runs as uid 2102 inside the pod
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -54,7 +55,7 @@ class Mesh:
         self.a, self.b, self.c = net.add_pod("a"), net.add_pod("b"), net.add_pod("c")
         self.processes: list[subprocess.Popen[Any]] = []
         self.proxies: list[Proxy] = []
-        self.dirs: list[Any] = []
+        self._files = contextlib.ExitStack()  # run directories and logs, removed and closed in close()
 
     def shards(self) -> list[dict[str, Any]]:
         b = str(self.b.ip)
@@ -64,10 +65,8 @@ class Mesh:
 
     def sidecar(self, pod: PodNet, spiffe_id: str, doc: dict[str, Any]) -> Proxy:
         install(InitSettings(), netns=pod.netns)
-        directory = run_dir()
-        self.dirs.append(directory)
-        paths = ProxyPaths(directory.__enter__())
-        log = open(Path(paths.run_dir) / "haproxy.log", "ab")  # noqa: SIM115 -- closed with the process
+        paths = ProxyPaths(self._files.enter_context(run_dir()))
+        log = self._files.enter_context(open(Path(paths.run_dir) / "haproxy.log", "ab"))
         prefix = pod_command(pod, ["-"], uid=SIDECAR_UID)[:-1]
         proxy = Proxy(paths, uid=SIDECAR_UID, gid=SIDECAR_UID, output=log, prefix=prefix)
         self.proxies.append(proxy)
@@ -88,8 +87,7 @@ class Mesh:
         for proc in self.processes:
             proc.kill()
             proc.communicate(timeout=10)
-        for directory in self.dirs:
-            directory.__exit__(None, None, None)
+        self._files.close()
 
 
 @pytest.fixture(scope="module")

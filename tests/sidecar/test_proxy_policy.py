@@ -35,7 +35,9 @@ from tests.sidecar.support import (
     endpoint,
     free_port,
     inbound_port,
+    inbound_ports,
     make_svid,
+    outbound_ports,
     rate_limit,
     refused,
     request,
@@ -59,11 +61,18 @@ def port() -> Iterator[int]:
     yield free_port("127.0.0.1", "127.0.0.2")
 
 
+@pytest.fixture
+def app(port: int) -> Iterator[App]:
+    """The application on 127.0.0.1:port, its sidecar's inbound side being 127.0.0.2:port."""
+    application = App("app", "127.0.0.1", port)
+    yield application
+    application.close()
+
+
 def _inbound(proxies: Proxies, root: Authority, certs: Path, port: int, ports_doc: list[InboundPort],
              **doc: Any) -> Svid:
     svid = make_svid(root, SERVER, certs / "server")
-    ports = ProxyPorts(inbound=port, inbound_address="127.0.0.2", outbound=free_port(), metrics=free_port())
-    proxies.start(document(inbound=ports_doc, **doc), [], svid, bundle(root), ports)
+    proxies.start(document(inbound=ports_doc, **doc), [], svid, bundle(root), inbound_ports(port))
     return svid
 
 
@@ -73,38 +82,30 @@ def _as(root: Authority, certs: Path, spiffe_id: str) -> ssl.SSLContext:
 
 # --------------------------------------------------------------------------------------------------- inbound ---
 def test_deny_mode_lets_each_source_make_only_the_requests_its_routes_allow(
-        proxies: Proxies, root: Authority, certs: Path, port: int) -> None:
+        proxies: Proxies, root: Authority, certs: Path, port: int, app: App) -> None:
     read = route("read", ["GET", "HEAD"], "/api/.*")
     grants = [Grant(PAYMENTS, None), Grant(WEB, (read,))]
-    app = App("app", "127.0.0.1", port)
-    try:
-        _inbound(proxies, root, certs, port, [inbound_port(port, sources=grants)])
-        web, payments, stranger = (_as(root, certs, s) for s in (WEB, PAYMENTS, STRANGER))
-        assert request("127.0.0.2", port, "/api/items", context=web).status == 200
-        assert request("127.0.0.2", port, "/api/items", method="POST", context=web).status == 403
-        assert request("127.0.0.2", port, "/other", context=web).status == 403  # anchored at the start
-        assert request("127.0.0.2", port, "/x/api/items", context=web).status == 403
-        assert request("127.0.0.2", port, "/anything", method="DELETE", context=payments).status == 200
-        assert request("127.0.0.2", port, "/api/items", context=stranger).status == 403
-        assert app.requests == 2
-    finally:
-        app.close()
+    _inbound(proxies, root, certs, port, [inbound_port(port, sources=grants)])
+    web, payments, stranger = (_as(root, certs, s) for s in (WEB, PAYMENTS, STRANGER))
+    assert request("127.0.0.2", port, "/api/items", context=web).status == 200
+    assert request("127.0.0.2", port, "/api/items", method="POST", context=web).status == 403
+    assert request("127.0.0.2", port, "/other", context=web).status == 403  # anchored at the start
+    assert request("127.0.0.2", port, "/x/api/items", context=web).status == 403
+    assert request("127.0.0.2", port, "/anything", method="DELETE", context=payments).status == 200
+    assert request("127.0.0.2", port, "/api/items", context=stranger).status == 403
+    assert app.requests == 2
 
 
 def test_deny_mode_checks_every_request_of_a_kept_alive_connection(
-        proxies: Proxies, root: Authority, certs: Path, port: int) -> None:
+        proxies: Proxies, root: Authority, certs: Path, port: int, app: App) -> None:
     read = route("read", ["GET"], "/api/.*", headers={"x-team": "^blue$"})
-    app = App("app", "127.0.0.1", port)
-    try:
-        _inbound(proxies, root, certs, port, [inbound_port(port, sources=[Grant(WEB, (read,))])])
-        conn = http.client.HTTPSConnection("127.0.0.2", port, timeout=10, context=_as(root, certs, WEB))
-        assert send(conn, "/api/a", headers={"x-team": "blue"}).status == 200
-        assert send(conn, "/api/a", headers={"x-team": "red"}).status == 403
-        assert send(conn, "/api/a").status == 403
-        assert send(conn, "/api/b", headers={"x-team": "blue"}).status == 200
-        conn.close()
-    finally:
-        app.close()
+    _inbound(proxies, root, certs, port, [inbound_port(port, sources=[Grant(WEB, (read,))])])
+    conn = http.client.HTTPSConnection("127.0.0.2", port, timeout=10, context=_as(root, certs, WEB))
+    assert send(conn, "/api/a", headers={"x-team": "blue"}).status == 200
+    assert send(conn, "/api/a", headers={"x-team": "red"}).status == 403
+    assert send(conn, "/api/a").status == 403
+    assert send(conn, "/api/b", headers={"x-team": "blue"}).status == 200
+    conn.close()
 
 
 def test_deny_mode_on_a_tcp_port_admits_only_sources_with_a_grant(
@@ -137,20 +138,17 @@ def _echo(port: int, context: ssl.SSLContext | None, data: bytes) -> bytes:
 
 
 def test_permissive_mode_takes_plain_text_and_mesh_tls_and_passes_other_tls_to_the_application(
-        proxies: Proxies, root: Authority, certs: Path, port: int) -> None:
-    app = App("app", "127.0.0.1", port)
-    try:
-        _inbound(proxies, root, certs, port, [inbound_port(port, allow_all=True)], mtls="permissive", access="allow")
-        plain = request("127.0.0.2", port, "/plain")
-        assert plain.status == 200 and "x-meshloom-client-id" not in plain.body["headers"]
-        mesh = request("127.0.0.2", port, "/mesh", context=_as(root, certs, WEB))
-        assert mesh.status == 200 and mesh.body["headers"]["x-meshloom-client-id"] == WEB
-        # a mesh client without an SVID is refused: mesh TLS is verified as in strict mode
-        assert refused("127.0.0.2", port, context=client_context(None, bundle(root))) is not None
-    finally:
-        app.close()
+        proxies: Proxies, root: Authority, certs: Path, port: int, app: App) -> None:
+    _inbound(proxies, root, certs, port, [inbound_port(port, allow_all=True)], mtls="permissive", access="allow")
+    plain = request("127.0.0.2", port, "/plain")
+    assert plain.status == 200 and "x-meshloom-client-id" not in plain.body["headers"]
+    mesh = request("127.0.0.2", port, "/mesh", context=_as(root, certs, WEB))
+    assert mesh.status == 200 and mesh.body["headers"]["x-meshloom-client-id"] == WEB
+    # a mesh client without an SVID is refused: mesh TLS is verified as in strict mode
+    assert refused("127.0.0.2", port, context=client_context(None, bundle(root))) is not None
 
-    # TLS that is not the mesh's (no `meshloom` ALPN) reaches the application untouched
+    # TLS that is not the mesh's (no `meshloom` ALPN) reaches the application untouched: its port now serves TLS
+    app.close()
     own = Authority.root("the application's own CA")
     app_cert = make_svid(own, sid("shop", "app"), certs / "own", dns="app.example")
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -177,14 +175,10 @@ def test_permissive_mode_takes_plain_text_and_mesh_tls_and_passes_other_tls_to_t
 
 
 def test_permissive_mode_in_deny_mode_refuses_plain_text_which_has_no_identity(
-        proxies: Proxies, root: Authority, certs: Path, port: int) -> None:
-    app = App("app", "127.0.0.1", port)
-    try:
-        _inbound(proxies, root, certs, port, [inbound_port(port, sources=[Grant(WEB, None)])], mtls="permissive")
-        assert request("127.0.0.2", port).status == 403
-        assert request("127.0.0.2", port, context=_as(root, certs, WEB)).status == 200
-    finally:
-        app.close()
+        proxies: Proxies, root: Authority, certs: Path, port: int, app: App) -> None:
+    _inbound(proxies, root, certs, port, [inbound_port(port, sources=[Grant(WEB, None)])], mtls="permissive")
+    assert request("127.0.0.2", port).status == 403
+    assert request("127.0.0.2", port, context=_as(root, certs, WEB)).status == 200
 
 
 class _OwnTlsApp(App):
@@ -233,57 +227,41 @@ def test_permissive_mode_in_allow_mode_still_passes_the_applications_own_tls_thr
 
 
 def test_mtls_off_serves_plain_text_and_still_accepts_a_peer_that_speaks_mesh_tls(
-        proxies: Proxies, root: Authority, certs: Path, port: int) -> None:
-    app = App("app", "127.0.0.1", port)
-    try:
-        _inbound(proxies, root, certs, port, [inbound_port(port, allow_all=True)], mtls="off", access="allow")
-        assert request("127.0.0.2", port).status == 200
-        assert request("127.0.0.2", port, context=_as(root, certs, WEB)).body["headers"]["x-meshloom-client-id"] == WEB
-    finally:
-        app.close()
+        proxies: Proxies, root: Authority, certs: Path, port: int, app: App) -> None:
+    _inbound(proxies, root, certs, port, [inbound_port(port, allow_all=True)], mtls="off", access="allow")
+    assert request("127.0.0.2", port).status == 200
+    assert request("127.0.0.2", port, context=_as(root, certs, WEB)).body["headers"]["x-meshloom-client-id"] == WEB
 
 
 def test_a_rate_limit_answers_503_beyond_rate_plus_burst_and_counts_each_source_apart(
-        proxies: Proxies, root: Authority, certs: Path, port: int) -> None:
+        proxies: Proxies, root: Authority, certs: Path, port: int, app: App) -> None:
     limits = [rate_limit("per-source", "6r/m", burst=1, sources=[WEB, PAYMENTS]),  # 7 per 2 minutes each
               rate_limit("default", "2r/m")]  # everyone else, together
-    app = App("app", "127.0.0.1", port)
-    try:
-        _inbound(proxies, root, certs, port, [inbound_port(port, allow_all=True, rate_limits=limits)],
-                 access="allow")
-        web, payments, x, y = (_as(root, certs, s) for s in (WEB, PAYMENTS, STRANGER, sid("shop", "y")))
-        assert [request("127.0.0.2", port, context=web).status for _ in range(8)] == [200] * 7 + [503]
-        assert request("127.0.0.2", port, context=payments).status == 200  # its own counter
-        assert [request("127.0.0.2", port, context=c).status for c in (x, y, x)] == [200, 200, 503]
-    finally:
-        app.close()
+    _inbound(proxies, root, certs, port, [inbound_port(port, allow_all=True, rate_limits=limits)],
+             access="allow")
+    web, payments, x, y = (_as(root, certs, s) for s in (WEB, PAYMENTS, STRANGER, sid("shop", "y")))
+    assert [request("127.0.0.2", port, context=web).status for _ in range(8)] == [200] * 7 + [503]
+    assert request("127.0.0.2", port, context=payments).status == 200  # its own counter
+    assert [request("127.0.0.2", port, context=c).status for c in (x, y, x)] == [200, 200, 503]
 
 
 def test_a_rate_limit_with_routes_counts_only_the_matching_requests(
-        proxies: Proxies, root: Authority, certs: Path, port: int) -> None:
+        proxies: Proxies, root: Authority, certs: Path, port: int, app: App) -> None:
     writes = rate_limit("writes", "1r/m", routes=[route("write", ["POST"], "/api/")])
-    app = App("app", "127.0.0.1", port)
-    try:
-        _inbound(proxies, root, certs, port, [inbound_port(port, allow_all=True, rate_limits=[writes])],
-                 access="allow")
-        web = _as(root, certs, WEB)
-        assert [request("127.0.0.2", port, "/api/x", context=web).status for _ in range(3)] == [200] * 3
-        assert [request("127.0.0.2", port, "/api/x", method="POST", context=web).status
-                for _ in range(2)] == [200, 503]
-    finally:
-        app.close()
+    _inbound(proxies, root, certs, port, [inbound_port(port, allow_all=True, rate_limits=[writes])],
+             access="allow")
+    web = _as(root, certs, WEB)
+    assert [request("127.0.0.2", port, "/api/x", context=web).status for _ in range(3)] == [200] * 3
+    assert [request("127.0.0.2", port, "/api/x", method="POST", context=web).status
+            for _ in range(2)] == [200, 503]
 
 
 def test_a_request_body_over_the_client_max_body_size_gets_413(
-        proxies: Proxies, root: Authority, certs: Path, port: int) -> None:
-    app = App("app", "127.0.0.1", port)
-    try:
-        _inbound(proxies, root, certs, port, [inbound_port(port, allow_all=True)], access="allow", body="1k")
-        web = _as(root, certs, WEB)
-        assert request("127.0.0.2", port, method="POST", body=b"x" * 1024, context=web).status == 200
-        assert request("127.0.0.2", port, method="POST", body=b"x" * 1025, context=web).status == 413
-    finally:
-        app.close()
+        proxies: Proxies, root: Authority, certs: Path, port: int, app: App) -> None:
+    _inbound(proxies, root, certs, port, [inbound_port(port, allow_all=True)], access="allow", body="1k")
+    web = _as(root, certs, WEB)
+    assert request("127.0.0.2", port, method="POST", body=b"x" * 1024, context=web).status == 200
+    assert request("127.0.0.2", port, method="POST", body=b"x" * 1025, context=web).status == 413
 
 
 # -------------------------------------------------------------------------------------------------- outbound ---
@@ -293,31 +271,27 @@ def _start_client(proxies: Proxies, root: Authority, certs: Path, services: list
     have the address 127.0.0.1, so `dst` is their address as it would be after a REDIRECT."""
     svid = make_svid(root, WEB, certs / "client")
     q = services[0].ports[0].port
-    ports = ProxyPorts(outbound=q, inbound=free_port(), metrics=free_port(), inbound_address="127.0.0.1")
+    ports = outbound_ports(q)
     doc = document(shards=[shard("shop", *services)], access="allow", spiffe_id=WEB, me="shop/web-1", **kw)
     proxy, _ = proxies.start(doc, [shard("shop", *services)], svid, bundle(root), ports)
     return proxy, ports
 
 
 def test_the_outbound_side_reaches_a_peer_sidecar_with_mutual_tls_and_pins_its_service_account(
-        proxies: Proxies, root: Authority, certs: Path, port: int) -> None:
-    app = App("app", "127.0.0.1", port)
-    try:
-        _inbound(proxies, root, certs, port, [inbound_port(port, allow_all=True)], access="allow")
-        q = free_port()
-        good = service("api", "127.0.0.1", [("http", q, "http", [endpoint("127.0.0.2", port, SERVER)])])
-        _start_client(proxies, root, certs, [good])
-        answer = request("127.0.0.1", q, "/through")
-        assert answer.status == 200 and answer.body["path"] == "/through"
-        assert answer.body["headers"]["x-meshloom-client-id"] == WEB
+        proxies: Proxies, root: Authority, certs: Path, port: int, app: App) -> None:
+    _inbound(proxies, root, certs, port, [inbound_port(port, allow_all=True)], access="allow")
+    q = free_port()
+    good = service("api", "127.0.0.1", [("http", q, "http", [endpoint("127.0.0.2", port, SERVER)])])
+    _start_client(proxies, root, certs, [good])
+    answer = request("127.0.0.1", q, "/through")
+    assert answer.status == 200 and answer.body["path"] == "/through"
+    assert answer.body["headers"]["x-meshloom-client-id"] == WEB
 
-        q2 = free_port()
-        wrong = service("api", "127.0.0.1", [("http", q2, "http", [endpoint("127.0.0.2", port, STRANGER)])])
-        _start_client(proxies, root, certs, [wrong])
-        assert request("127.0.0.1", q2).status == 503  # the peer's SVID is not the endpoint's identity
-        assert app.requests == 1
-    finally:
-        app.close()
+    q2 = free_port()
+    wrong = service("api", "127.0.0.1", [("http", q2, "http", [endpoint("127.0.0.2", port, STRANGER)])])
+    _start_client(proxies, root, certs, [wrong])
+    assert request("127.0.0.1", q2).status == 503  # the peer's SVID is not the endpoint's identity
+    assert app.requests == 1
 
 
 def test_a_traffic_split_with_matches_sends_matching_requests_to_its_backends_one_request_at_a_time(

@@ -174,3 +174,17 @@ def test_two_writers_answering_the_same_effect_at_once_give_one_outcome(db_url: 
     finally:
         for s in stores:
             s.close()
+
+
+def test_a_batch_commits_all_or_nothing_and_names_the_entity_that_lost(store: Store) -> None:
+    store.apply(transition("shop/b"))  # "shop/b" exists already: the batch's creation of it loses
+    before = snapshot(store)
+
+    with pytest.raises(StaleVersion) as err:
+        store.apply_all([transition("shop/a"), transition("shop/b"), transition("shop/c")])
+
+    assert (err.value.kind, err.value.key, err.value.expected) == ("pod", "shop/b", 0)
+    assert nothing_changed(store, before)
+    committed = store.apply_all([transition("shop/a"), transition("shop/c")])
+    assert [(e.key, e.version) for e, _ in committed] == [("shop/a", 1), ("shop/c", 1)]
+    assert store.get_many("pod", ["shop/a", "shop/b", "shop/c", "shop/d"]).keys() == {"shop/a", "shop/b", "shop/c"}

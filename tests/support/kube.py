@@ -219,12 +219,18 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
                              serialization.NoEncryption())
 
 
-def _write_pki(folder: Path) -> None:
-    """A throwaway CA, the server's certificate (127.0.0.1, localhost, kubernetes.default.svc) and the
-    service-account signing key pair."""
+@dataclass(frozen=True)
+class Serving:
+    cert_pem: bytes
+    key_pem: bytes
+    ca_pem: bytes
+
+
+def serving_certificate(common_name: str, ip: str = "127.0.0.1", dns: tuple[str, ...] = ("localhost",)) -> Serving:
+    """A throwaway CA and a serving certificate from it, named `common_name`, for `ip` and `dns`."""
     now = datetime.now(UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshloom test kube CA")])
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"meshloom test CA for {common_name}")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
           .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
           .not_valid_after(now + timedelta(days=2))
@@ -232,19 +238,27 @@ def _write_pki(folder: Path) -> None:
           .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
           .sign(ca_key, hashes.SHA256()))
     key = ec.generate_private_key(ec.SECP256R1())
-    names = [x509.IPAddress(IPv4Address("127.0.0.1")), x509.DNSName("localhost"), x509.DNSName("kubernetes"),
-             x509.DNSName("kubernetes.default"), x509.DNSName("kubernetes.default.svc")]
+    sans: list[x509.GeneralName] = [x509.IPAddress(IPv4Address(ip)), *(x509.DNSName(d) for d in dns)]
     cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "kube-apiserver")]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
             .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=2))
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
             .sign(ca_key, hashes.SHA256()))
-    (folder / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    (folder / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (folder / "server.key").write_bytes(_pem_key(key))
+    return Serving(cert.public_bytes(serialization.Encoding.PEM), _pem_key(key),
+                   ca.public_bytes(serialization.Encoding.PEM))
+
+
+def _write_pki(folder: Path) -> None:
+    """A throwaway CA, the server's certificate (127.0.0.1, localhost, kubernetes.default.svc) and the
+    service-account signing key pair."""
+    serving = serving_certificate("kube-apiserver", dns=("localhost", "kubernetes", "kubernetes.default",
+                                                         "kubernetes.default.svc"))
+    (folder / "ca.crt").write_bytes(serving.ca_pem)
+    (folder / "server.crt").write_bytes(serving.cert_pem)
+    (folder / "server.key").write_bytes(serving.key_pem)
     sa_key = ec.generate_private_key(ec.SECP256R1())
     (folder / "sa.key").write_bytes(_pem_key(sa_key))
     (folder / "sa.pub").write_bytes(sa_key.public_key().public_bytes(

@@ -52,10 +52,9 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -68,6 +67,7 @@ from actions.nodeagent import endpoint_socket
 from engine import views, world
 from engine.plane import ControlPlane, PlaneConfig
 from store import Store, migrate, sqlite_url
+from tests.support.wait import eventually
 
 SIDECAR_UID = 2102
 APP_UID = 65534  # nobody: the application is an unprivileged user, as in a pod
@@ -84,15 +84,6 @@ KEEP_STATE = "MESHLOOM_KEEP_STATE"
 
 class MeshError(AssertionError):
     """Something in the mesh did not happen in time; the message says what, with the sidecar's last log lines."""
-
-
-def eventually(what: Callable[[], bool], message: str | Callable[[], str], wait: float = WAIT,
-               every: float = 0.05) -> None:
-    deadline = time.monotonic() + wait
-    while not what():
-        if time.monotonic() >= deadline:
-            raise MeshError(message() if callable(message) else message)
-        time.sleep(every)
 
 
 @contextlib.contextmanager

@@ -133,12 +133,16 @@ def host_network() -> Iterator[HostNetwork]:
 
 # Accepts connections until killed or idle for 60 s; answers each with one line "<local ip:port> <original dst
 # ip:port>" and closes. The original destination comes from SO_ORIGINAL_DST (getsockopt(SOL_IP, 80)), which is
-# what a proxy behind an iptables REDIRECT reads; "-" when the connection has no NAT record.
+# what a proxy behind an iptables REDIRECT reads; "-" when the connection has no NAT record, and always on IPv6
+# (listening on an IPv6 `host` such as "::", IPv6 only: the rules under test redirect nothing there).
 LISTENER_SOURCE = r"""
 import socket, struct, sys
 host, port = sys.argv[1], int(sys.argv[2])
-server = socket.socket()
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+server = socket.socket(family)
 server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if family == socket.AF_INET6:
+    server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
 server.bind((host, port))
 server.listen(64)
 server.settimeout(60)
@@ -149,12 +153,14 @@ while True:
     except TimeoutError:
         break
     with conn:
-        local = "%s:%d" % conn.getsockname()
-        try:
-            raw = conn.getsockopt(socket.SOL_IP, 80, 16)
-            original = "%s:%d" % (socket.inet_ntoa(raw[4:8]), struct.unpack("!H", raw[2:4])[0])
-        except OSError:
-            original = "-"
+        local = "%s:%d" % conn.getsockname()[:2]
+        original = "-"
+        if family == socket.AF_INET:
+            try:
+                raw = conn.getsockopt(socket.SOL_IP, 80, 16)
+                original = "%s:%d" % (socket.inet_ntoa(raw[4:8]), struct.unpack("!H", raw[2:4])[0])
+            except OSError:
+                pass
         conn.sendall(("%s %s\n" % (local, original)).encode())
 """
 

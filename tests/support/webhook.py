@@ -24,19 +24,14 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
-from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
 import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from actions.webhook import Served, WebhookServer
 from catalog.inject import SIDECAR_NAME, Admission, InjectionValues, admit
+from tests.support.kube import serving_certificate, unique_name
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "meshloom"
@@ -46,39 +41,6 @@ RUN_LABEL = "meshloom.io/test-webhook"  # on the namespaces whose pods this run'
 
 def contract_values() -> InjectionValues:
     return InjectionValues.from_values(yaml.safe_load(GOLDEN_VALUES.read_text()))
-
-
-@dataclass(frozen=True)
-class Serving:
-    cert_pem: bytes
-    key_pem: bytes
-    ca_pem: bytes
-
-
-def serving_certificate(ip: str = "127.0.0.1", dns: tuple[str, ...] = ("localhost",)) -> Serving:
-    """A throwaway CA and a serving certificate from it, for `ip` and `dns`."""
-    now = datetime.now(UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshloom test webhook CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-          .serial_number(x509.random_serial_number()).not_valid_before(now - timedelta(minutes=5))
-          .not_valid_after(now + timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    sans: list[x509.GeneralName] = [x509.IPAddress(IPv4Address(ip)), *(x509.DNSName(d) for d in dns)]
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "meshloom-controller")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    return Serving(cert.public_bytes(serialization.Encoding.PEM),
-                   key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                     serialization.NoEncryption()),
-                   ca.public_bytes(serialization.Encoding.PEM))
 
 
 def chart_webhook_configuration(helm: Path, env: Mapping[str, str]) -> dict[str, Any]:
@@ -170,10 +132,8 @@ def running_injector(kube: Any, *, values: InjectionValues | None = None, name_p
     """The webhook server and its registration; see the module docstring. `kube` is a `tests.support.kube.KubeAPI`."""
     from kubernetes import client
 
-    from tests.support.kube import unique_name
-
     values = values or contract_values()
-    serving = serving_certificate()
+    serving = serving_certificate("meshloom-controller")
     run = unique_name("run")
     name = unique_name(name_prefix)
     with kube.api_client() as api:
