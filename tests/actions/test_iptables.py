@@ -7,6 +7,7 @@ Golden files: tests/actions/golden/iptables/*.rules; MESHLOOM_UPDATE_GOLDEN=1 re
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 import subprocess
@@ -214,7 +215,7 @@ def dual_stack(two_pods: tuple[PodNet, PodNet]) -> tuple[tuple[PodNet, str], tup
     network = f"fd00:{secrets.token_hex(2)}:{secrets.token_hex(2)}:{secrets.token_hex(2)}"
     pods = []
     for pod, host in zip(two_pods, ("2", "3"), strict=True):
-        address = f"{network}::{host}"
+        address = str(ipaddress.IPv6Address(f"{network}::{host}"))  # compressed, as sockets print it
         try:
             for knob in ("all", "default", "eth0"):
                 run(pod, ["sysctl", "-q", "-w", f"net.ipv6.conf.{knob}.disable_ipv6=0"])
