@@ -11,7 +11,7 @@ strict mTLS, access control allow, namespace `bench`:
 
     client-1   meshed, no application: the load generator runs here as uid 65534, so its connections to the
                Service's virtual address are redirected to its sidecar (outbound), which opens mutual TLS to
-    server-1   meshed; the echo application (tests/support/echo_app.py: asyncio, HTTP/1.1 keep-alive, a ~300 byte
+    server-1   meshed; the echo application (apps/echo.py: asyncio, HTTP/1.1 keep-alive, a ~300 byte
                JSON answer) on 8080, behind its sidecar (inbound), and on 8081 and up, ports its init rules leave
                alone (`ignore_incoming_ports`): the SAME application process reached without any sidecar;
     direct-1   not meshed (no init rules, no sidecar): the load generator for the direct path, to server-1:8081;
@@ -30,7 +30,7 @@ throughput  wrk (1 thread) for a fixed time, with --latency: `keepalive` (32 con
             mesh / direct, and p50 / p99 of each path and their differences (the latency the sidecars add at
             saturation, where queueing dominates: read the fixed-rate figures for the added latency of a request).
 fixed_rate  1,000 requests/s for a fixed time (4 s; 3 runs per path per round, interleaved) by an open-loop client
-            (echo_app.py `load`: each request sent at its scheduled time on an idle keep-alive connection, its
+            (apps/echo.py `load`: each request sent at its scheduled time on an idle keep-alive connection, its
             latency counted from that time, so a stall is not hidden by a slower schedule), on each path: p50 /
             p90 / p99 / p99.9 and the added p50 / p99 (mesh - direct; target: added p99 < 1 ms), medians over all
             runs, after a short unrecorded warm-up run of each path. The client's own scheduling delay is in both

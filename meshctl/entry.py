@@ -54,6 +54,10 @@ def _pod_codes(exc: BaseException) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "app":  # a pod's workload (apps/: the standard library only), nothing else loaded
+        from apps.echo import main as app_main
+
+        return app_main(args[1:])
     if args and args[0] in ("sidecar", "init"):
         pod = typer.Typer(add_completion=False)
         # nats-py loads aiohttp (about 12 MB) only for its websocket transport, which no pod uses (the sidecar

@@ -44,7 +44,7 @@ from tests.support.pki import Authority
 
 pytestmark = pytest.mark.integration
 
-ECHO = str(Path(__file__).resolve().parents[1] / "support" / "echo_app.py")
+ECHO = str(Path(__file__).resolve().parents[2] / "apps" / "echo.py")
 A_ID, B_ID = sid("shop", "web"), sid("shop", "api")
 SIDECAR_UID = 2102
 

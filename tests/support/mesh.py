@@ -11,7 +11,7 @@ gateway address (the one host address every pod can reach), and applies the Mesh
 
     network namespace + address             (HostNetwork.add_pod)
     Pod manifest with status.podIP          (engine.world.apply: the catalog computes its document)
-    the application, as uid 65534           (default: tests/support/echo_app.py on the pod's ports)
+    the application, as uid 65534           (default: apps/echo.py on the pod's ports)
     admit -> InjectSidecar on the fake platform -> injected
     its own Workload API socket, for uid 2102 (NodeAgent.add_workload)
     init rules                              (actions.iptables.install in the pod's namespace)
@@ -74,7 +74,7 @@ APP_UID = 65534  # nobody: the application is an unprivileged user, as in a pod
 ADMIN_PORT = 15021
 WAIT = 60.0
 VIRTUAL_ADDRESSES = 32  # the top of the /24, below the broadcast address, is for Services
-ECHO_APP = Path(__file__).with_name("echo_app.py")
+ECHO_APP = Path(__file__).resolve().parents[2] / "apps" / "echo.py"
 MESHCTL = str(Path(sys.executable).with_name("meshctl"))
 PYTHON = sys.executable
 INJECT_LABEL = "injector.nsm.nginx.com/auto-inject"
@@ -154,7 +154,7 @@ def _is_tcp_only(port: int | Mapping[str, Any]) -> bool:
 
 # ---- a long-lived connection driven step by step ------------------------------------------------------------------
 class Session:
-    """`echo_app.py session` in a client pod: one connection held open, one step per `step()`."""
+    """`apps/echo.py session` in a client pod: one connection held open, one step per `step()`."""
 
     def __init__(self, proc: subprocess.Popen[str], what: str) -> None:
         self.proc, self.what = proc, what
