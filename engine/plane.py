@@ -55,6 +55,7 @@ class PlaneConfig:
     nats_host: str = "127.0.0.1"  # where NATS listens for sidecars: a bridge address when pods are namespaces
     nats_port: int = 0  # 0: any free port (one host); Kubernetes: 4222, behind the Service sidecars dial
     nats_names: tuple[str, ...] = ()  # DNS names the server's certificate carries besides `localhost`
+    agent_dir: Path | None = None  # the Workload API sockets; default <state_dir>/agent (pods on one host: /run)
 
 
 class _Delivery:
@@ -84,7 +85,7 @@ class ControlPlane:
         state = config.state_dir
         self.trust_domain = config.ca.trust_domain
         self.ca = MeshCa(state / "ca", config.ca, self.clock)
-        self.agent_dir = state / "agent"
+        self.agent_dir = config.agent_dir or state / "agent"
         self.agent = NodeAgent(self.agent_dir, on_served=self._served)
         self.vault = FileVault(state / "svids")
         self.delivery = _Delivery(self.agent)

@@ -51,11 +51,15 @@ def load_world(store: Store) -> catalog.World:
     return catalog.World(catalog.parse_all([dict(r.body) for r in store.resources()]))
 
 
-def apply(store: Store, manifests: Sequence[Mapping[str, Any]], *, actor: str, now: datetime) -> Applied:
-    """Validate and store manifests as one change; raises catalog.ValidationError with every problem found."""
+def apply(store: Store, manifests: Sequence[Mapping[str, Any]], *, actor: str, now: datetime,
+          remove: Sequence[tuple[str, str, str]] = ()) -> Applied:
+    """Validate and store manifests as one change, deleting the `remove` resources (kind, namespace, name) in the
+    same change; raises catalog.ValidationError with every problem found."""
     seen = {_ref(r): r for r in catalog.parse_all(list(manifests))}  # parse_all refuses a resource named twice
     world = load_world(store)
-    problems = _new_problems(world, world.with_applied(list(seen.values())))
+    stored_removed = store.resources_named([r for r in remove if r not in seen])
+    gone = [g.key for g in catalog.parse_all([dict(r.body) for r in stored_removed])]
+    problems = _new_problems(world, world.without(gone).with_applied(list(seen.values())))
     if problems:
         raise catalog.ValidationError(problems)
     stored = {r.ref: r for r in store.resources_named(list(seen))}
@@ -71,12 +75,15 @@ def apply(store: Store, manifests: Sequence[Mapping[str, Any]], *, actor: str, n
             continue
         (configured if before is not None else created).append(_shown(r))
         put.append(Resource(ref[0], ref[1], ref[2], str(manifest.get("apiVersion", "")), manifest))
-    if not put:
+    deleted = [r.ref for r in stored_removed]
+    if not put and not deleted:
         return Applied(0, unchanged=tuple(unchanged))
     summary = "; ".join(part for part in (
         f"created {', '.join(created)}" if created else "",
-        f"configured {', '.join(configured)}" if configured else "") if part)
-    revision = store.change_world(put, [], actor=actor, summary=summary, at=now)
+        f"configured {', '.join(configured)}" if configured else "",
+        f"deleted {', '.join(f'{k}/{ns}/{n}' if ns else f'{k}/{n}' for k, ns, n in deleted)}" if deleted else "",
+    ) if part)
+    revision = store.change_world(put, deleted, actor=actor, summary=summary, at=now)
     return Applied(revision, tuple(created), tuple(configured), tuple(unchanged))
 
 

@@ -169,21 +169,81 @@ def fire(ref: Annotated[str, typer.Argument(help="KIND/KEY of the entity")],
 
 
 @app.command()
-def up(db: DbOpt = None, state_dir: StateDirOpt = None,
+def up(file: Annotated[str | None, typer.Option("--filename", "-f", help="a mesh manifest (kind Mesh: workloads "
+                                                "and services; plus policy documents): run its pods on this host",
+                                                show_default=False)] = None,
+       db: DbOpt = None, state_dir: StateDirOpt = None,
        tick: Annotated[float, typer.Option(help="seconds between scheduler ticks", min=0.05)] = 1.0,
        run_for: Annotated[float | None, typer.Option("--for", help="stop after this many seconds", min=0)] = None,
+       subnet: Annotated[str | None, typer.Option(help="with -f: the pods' bridge subnet, the lower half for pods, "
+                                                      "the upper for Services [default: 10.213.0.0/16]",
+                                                 show_default=False)] = None,
+       prefix: Annotated[str | None, typer.Option(help="with -f: the name prefix of the bridge, namespaces and "
+                                                      "veths [default: mesh-]", show_default=False)] = None,
+       timeout: Annotated[float, typer.Option(help="with -f: seconds to wait for every pod to be ready", min=1)]
+       = 300.0,
        trust_domain: TrustDomainOpt = "example.org", key_type: KeyTypeOpt = "ec-p256", svid_ttl: SvidTtlOpt = "1h",
        ca_ttl: CaTtlOpt = "720h", upstream_cert: UpstreamOpt = None, upstream_key: UpstreamKeyOpt = None,
        upstream_bundle: UpstreamBundleOpt = None) -> None:
     """Run the control plane on its embedded default: SQLite in the state directory, the engine and its scheduler,
-    the mesh CA, the node agent (SPIFFE Workload API) and NATS with mutual TLS."""
+    the mesh CA, the node agent (SPIFFE Workload API) and NATS with mutual TLS; in the foreground, with the pods of
+    the mesh on this host if `up -f` ever made one here. With -f: run a mesh manifest's pods on this host as network
+    namespaces, with the control plane in the background, and return once every pod is ready."""
     from actions.ca import CaSettings
-    from meshctl.up import run
 
     settings = CaSettings.from_flags(trust_domain=trust_domain, key_type=key_type, svid_ttl=svid_ttl, ca_ttl=ca_ttl,
                                      upstream_cert=upstream_cert, upstream_key=upstream_key,
                                      upstream_bundle=upstream_bundle)
-    run(resolve(state_dir, db), settings, tick_seconds=tick, run_for=run_for)
+    paths = resolve(state_dir, db)
+    if file is None:
+        from meshctl.up import run
+
+        run(paths, settings, tick_seconds=tick, run_for=run_for)
+        return
+    from meshctl import local
+
+    forwarded = ["--trust-domain", trust_domain, "--key-type", key_type, "--svid-ttl", svid_ttl, "--ca-ttl", ca_ttl,
+                 "--tick", f"{tick:g}"]
+    for flag, value in (("--upstream-cert", upstream_cert), ("--upstream-key", upstream_key),
+                        ("--upstream-bundle", upstream_bundle)):
+        if value is not None:
+            forwarded += [flag, str(value.absolute())]
+    if db is not None:
+        forwarded += ["--db", db]
+    result = local.up(paths, file, subnet=subnet, prefix=prefix, timeout=timeout, plane_args=forwarded)
+    how = "started the control plane" if result.started_control_plane else "the control plane was running"
+    typer.echo(f"{result.pods} pod(s) ready in {result.seconds:.1f}s ({how}; its log: "
+               f"{paths.state_dir / 'logs' / local.CONTROL_PLANE_LOG}). Inspect with 'meshctl state pods', "
+               f"'meshctl audit pod/<namespace>/<name>'; stop with 'meshctl down'.")
+
+
+@app.command()
+def demo(state_dir: StateDirOpt = None,
+         subnet: Annotated[str | None, typer.Option(help="the pods' bridge subnet [default: 10.213.0.0/16]",
+                                                    show_default=False)] = None,
+         prefix: Annotated[str | None, typer.Option(help="the name prefix of the bridge, namespaces and veths "
+                                                         "[default: mesh-]", show_default=False)] = None,
+         timeout: Annotated[float, typer.Option(help="seconds to wait for every pod to be ready", min=1)] = 300.0,
+         trust_domain: TrustDomainOpt = "example.org") -> None:
+    """A ready-made mesh on this host, exercised: client -> frontend -> backend split 80/20 between two versions,
+    an intruder refused by the access policy, a rate-limited route. Sends traffic, prints requests per edge, success
+    rates, the mutual-TLS identities, the split and the refusals; rotates the CA live under traffic; leaves the mesh
+    up for 'meshctl state', 'meshctl audit' and 'meshctl ca status' ('meshctl down' stops it)."""
+    from meshctl import local
+
+    local.demo(resolve(state_dir, None), subnet=subnet, prefix=prefix, timeout=timeout,
+               plane_args=["--trust-domain", trust_domain])
+
+
+@app.command()
+def down(purge: Annotated[bool, typer.Option("--purge", help="also remove the state directory")] = False,
+         db: DbOpt = None, state_dir: StateDirOpt = None) -> None:
+    """Stop the mesh on this host: every pod's life ended through its machine, the control plane stopped, every
+    process, network namespace, veth, the bridge and the runtime directory removed."""
+    from meshctl import local
+
+    for line in local.down(resolve(state_dir, db), purge=purge):
+        typer.echo(line)
 
 
 @app.command()

@@ -1,8 +1,10 @@
 """`meshctl up`: the control plane on its embedded default, in the foreground until stopped.
 
 It runs the engine and its scheduler on SQLite in the state directory, the mesh CA (keys in `ca/`), the node agent
-(one Workload API socket per workload under `agent/`) and NATS with mutual TLS (`nats/`). Pods are not yet created
-by the mesh itself on one host (network namespaces and HAProxy sidecars arrive later): the platform is the fake.
+(one Workload API socket per workload under `agent/`) and NATS with mutual TLS (`nats/`). On a state directory where
+`meshctl up -f` made a mesh on this host (`local/network.json`), the local platform runs with it (engine/local.py):
+the bridge first, NATS on its address, the pods adopted or started. Without one, the platform is the fake: pods come
+from `meshctl apply` and whoever plays the platform.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 from types import FrameType
@@ -17,10 +20,12 @@ from types import FrameType
 from rich.console import Console
 
 from actions.ca import CaSettings, format_duration
+from actions.errors import ActionError
+from engine import local
 from engine.plane import ControlPlane, PlaneConfig
 from meshctl import logs
 from meshctl.context import Paths
-from meshctl.errors import BUSY
+from meshctl.errors import BUSY, REFUSED
 from store import Store, migrate
 
 console = Console(highlight=False)
@@ -69,7 +74,15 @@ def run(paths: Paths, ca: CaSettings, *, tick_seconds: float, run_for: float | N
     try:
         before, after = migrate.upgrade(paths.url)
         store = Store(paths.url)
-        plane = ControlPlane(store, PlaneConfig(paths.state_dir, ca, tick_seconds=tick_seconds))
+        network = local.load_network(paths.state_dir)
+        host: local.LocalHost | None = None
+        if network is not None:
+            bin_dir = Path(sys.executable).parent
+            host = local.LocalHost(store, paths.state_dir, ca, network, meshctl=str(bin_dir / "meshctl"),
+                                   bin_dir=bin_dir, tick_seconds=tick_seconds)
+            plane = host.plane
+        else:
+            plane = ControlPlane(store, PlaneConfig(paths.state_dir, ca, tick_seconds=tick_seconds))
         stop = threading.Event()
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -81,7 +94,15 @@ def run(paths: Paths, ca: CaSettings, *, tick_seconds: float, run_for: float | N
         console.print(f"  state dir  {paths.state_dir}")
         migrated = "" if before == after else f", from {before or 'empty'}"
         console.print(f"  database   {paths.shown} (schema {after}{migrated})")
-        plane.start()
+        try:
+            if host is not None:
+                host.start()
+            else:
+                plane.start()
+        except ActionError as exc:  # the host cannot run the mesh's pods: no privilege, a subnet taken, ...
+            plane.stop()
+            console.print(f"meshctl: {exc}", style="red")
+            raise SystemExit(REFUSED) from None
         try:
             active = plane.ca.active or "-"
             console.print(f"  CA         trust domain {ca.trust_domain}, {ca.key_type} keys, generation {active} "
@@ -91,6 +112,9 @@ def run(paths: Paths, ca: CaSettings, *, tick_seconds: float, run_for: float | N
                 console.print(f"  NATS       {plane.nats.url} (mutual TLS, pid {plane.nats.server.pid})")
             console.print(f"  engine     ticking every {tick_seconds:g}s; recovered {plane.recovered} pending "
                           f"effect(s)")
+            if host is not None:
+                console.print(f"  pods       on bridge {host.net.prefix}br, {host.net.subnet}; "
+                              f"{len(host.platform.desired().pods)} in the mesh manifest")
             console.print(f"  entities   {_summary(store)}")
             console.print("Ready. Stop with Ctrl-C. Inspect with 'meshctl state pods|certs|sidecars|cas', "
                           "'meshctl ca status' and 'meshctl audit KIND/KEY'.")

@@ -1,0 +1,367 @@
+"""The single-host platform's hands: pods as network namespaces, the processes in them, and the sweep of `down`.
+
+Theory of operation
+-------------------
+What a kubelet and a CNI plugin do on a Kubernetes node, `LocalPods` does on one Linux host, for the engine's local
+platform (engine/local.py), which decides when:
+
+    create(pod, ip)      the pod's network namespace on the mesh's bridge at `ip` (HostNetwork), a resolv.conf
+                         whose lookups fail at once (names come from the hosts file; no query leaves the host), the
+                         hosts file, and for a meshed pod the init rules (actions.iptables.install). Idempotent: an
+                         existing namespace at the same address is kept (a restarted control plane adopts it).
+    start(pod, role)     the workload (as uid 65534, without capabilities, in `/`) or its sidecar (`meshctl
+                         sidecar` as uid 2102), each in a session of its own with its output appended to
+                         `logs/<namespace>_<name>.<role>.log`, so a control plane that dies (even by SIGKILL)
+                         takes none of them with it: the data plane keeps running on its last configuration.
+    running(key, role)   whether that process still runs. A pid file `<pod dir>/<role>.pid` holds the pid and the
+                         process's start time (field 22 of /proc/<pid>/stat): a pid the kernel gave to another
+                         process since is not mistaken for ours, and a new control plane finds the processes an
+                         earlier one started.
+    probe(ip, path)      the sidecar's admin port (15021, never redirected), as a kubelet's probe: the status code,
+                         or 0 when nothing answers.
+    remove(key)          stop the pod's processes (SIGTERM, then SIGKILL), delete its namespace, veth pair and
+                         /etc/netns files, and its directory.
+    sweep()              everything of this mesh on the host: every recorded process, every namespace, veth and the
+                         bridge under the prefix (also what a crashed run left), the runtime directory.
+
+The runtime directory (`/run/meshloom/<prefix>` by default) holds what the pods' unprivileged users must reach:
+the sidecars' run directories (owned by uid 2102) and the node agent's Workload API sockets. It is not the state
+directory, which is private to root (a default under /root cannot be traversed by uid 2102).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from actions.errors import MissingPrivilege, MissingTool, PermanentError
+from actions.iptables import InitSettings, install
+from actions.netns import NETNS_ETC_DIR, HostNetwork, PodNet, check_host, spawn
+from actions.netns import run as run_in_netns
+
+APP_UID = 65534  # nobody: the workload is an unprivileged user, as in a pod
+SIDECAR_UID = 2102
+ADMIN_PORT = 15021
+ROLES = ("app", "sidecar")
+STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL when a pod's processes are stopped
+_PROBE_TIMEOUT = 1.0
+_SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+@dataclass(frozen=True, slots=True)
+class PodProcess:
+    """What starts in a pod: the workload, or the sidecar beside it."""
+
+    argv: tuple[str, ...]
+    uid: int
+    env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Exited:
+    """A process of ours that ended: its exit code when it was our child (None when an earlier control plane
+    started it), and the last line of its log."""
+
+    code: int | None
+    last_line: str
+
+
+def pod_dir_name(key: str) -> str:
+    """`namespace/name` -> `namespace_name`: a namespace and a pod name never contain "_"."""
+    return key.replace("/", "_", 1)
+
+
+class LocalPods:
+    """See the module's docstring. One object per mesh (prefix) at a time."""
+
+    def __init__(self, network: HostNetwork, runtime_dir: Path, logs_dir: Path, *,
+                 bin_dir: Path | None = None) -> None:
+        self.network = network
+        self.runtime_dir = runtime_dir
+        self.logs_dir = logs_dir
+        self.bin_dir = bin_dir  # where meshctl and the venv's python live: first on the workloads' PATH
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
+
+    # ---- the host ------------------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """The bridge (adopting the pods already there) and the directories; MissingPrivilege / MissingTool when
+        this host or user cannot run pods."""
+        check_host()
+        for tool in ("iptables-restore", "setpriv"):
+            if shutil.which(tool) is None:
+                raise MissingTool(f"the '{tool}' command is not installed (scripts/setup installs it)")
+        self.network.ensure()
+        self.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
+        os.chmod(self.runtime_dir, 0o711)
+        blocked = next((d for d in self.runtime_dir.parents if not os.stat(d).st_mode & 0o001), None)
+        if blocked is not None:
+            raise PermanentError(f"runtime directory {self.runtime_dir}: {blocked} cannot be traversed by the pods' "
+                                 f"users (uid {SIDECAR_UID}, {APP_UID}); choose a runtime directory under /run")
+        (self.runtime_dir / "pods").mkdir(exist_ok=True, mode=0o711)
+        self.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def pod_dir(self, key: str) -> Path:
+        return self.runtime_dir / "pods" / pod_dir_name(key)
+
+    # ---- a pod's network ---------------------------------------------------------------------------------------
+    def netns_name(self, key: str) -> str:
+        return self.network.netns_name(pod_dir_name(key))
+
+    def net(self, key: str) -> PodNet | None:
+        """The pod's network, if its namespace exists."""
+        with contextlib.suppress(PermanentError):
+            return self.network.pod(pod_dir_name(key))
+        return None
+
+    def create(self, key: str, ip: str, hosts: Mapping[str, str], *, init: InitSettings | None) -> PodNet:
+        """The pod's namespace at `ip`, its resolv.conf and hosts file, and (when `init` is given) its redirect
+        rules. Idempotent; a namespace found at another address is made again."""
+        name = pod_dir_name(key)
+        net = self.net(key)
+        if net is not None and str(net.ip) != ip:
+            self.network.remove_pod(name)
+            net = None
+        if net is None:
+            net = self.network.add_pod(name, ip)
+        directory = NETNS_ETC_DIR / net.netns
+        directory.mkdir(parents=True, exist_ok=True, mode=0o755)
+        resolv = directory / "resolv.conf"
+        # A resolver inside the pod that is not there: lookups of names outside the hosts file fail at once
+        # instead of waiting out timeouts against a host resolver that no pod can reach.
+        resolv.write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+        resolv.chmod(0o644)
+        self.network.hosts_file(net, hosts)
+        if init is not None:
+            install(init, netns=net.netns)
+        pod_dir = self.pod_dir(key)
+        pod_dir.mkdir(exist_ok=True, mode=0o711)
+        run_dir = pod_dir / "sidecar"
+        run_dir.mkdir(exist_ok=True, mode=0o750)
+        os.chown(run_dir, SIDECAR_UID, SIDECAR_UID)
+        return net
+
+    def write_hosts(self, key: str, hosts: Mapping[str, str]) -> None:
+        net = self.net(key)
+        if net is not None:
+            self.network.hosts_file(net, hosts)
+
+    # ---- a pod's processes ---------------------------------------------------------------------------------------
+    def start(self, key: str, role: str, process: PodProcess) -> int:
+        """Start the pod's workload or sidecar (see the module's docstring); returns its pid."""
+        net = self.net(key)
+        if net is None:
+            raise PermanentError(f"pod {key}: its network namespace does not exist")
+        env = {"PATH": f"{self.bin_dir}:{_SYSTEM_PATH}" if self.bin_dir else _SYSTEM_PATH, "HOME": "/",
+               "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", **dict(process.env)}
+        self.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with open(self.log_path(key, role), "ab") as log:
+            try:
+                proc = spawn(net, list(process.argv), uid=process.uid, env=env, cwd="/", stdout=log,
+                             stderr=subprocess.STDOUT, start_new_session=True)
+            except OSError as exc:
+                raise PermanentError(f"pod {key}: cannot start its {role}: {exc}") from None
+        self._children[proc.pid] = proc
+        _write_pid(self.pod_dir(key) / f"{role}.pid", proc.pid)
+        return proc.pid
+
+    def running(self, key: str, role: str) -> int | None:
+        """The pid of the pod's `role` process if it runs (ours, by its start time), else None."""
+        pid, started = _read_pid(self.pod_dir(key) / f"{role}.pid")
+        if pid is None:
+            return None
+        child = self._children.get(pid)
+        if child is not None and child.poll() is not None:
+            return None  # reaped: a child of ours that ended (its zombie is gone now)
+        return pid if _start_time(pid) == started else None
+
+    def exited(self, key: str, role: str) -> Exited:
+        """How the pod's `role` process ended (call when `running` says None)."""
+        pid, _ = _read_pid(self.pod_dir(key) / f"{role}.pid")
+        child = self._children.get(pid) if pid is not None else None
+        code = child.poll() if child is not None else None
+        return Exited(code, _last_line(self.log_path(key, role)))
+
+    def log_path(self, key: str, role: str) -> Path:
+        return self.logs_dir / f"{pod_dir_name(key)}.{role}.log"
+
+    def stop(self, key: str, role: str, grace: float = STOP_GRACE) -> None:
+        pid = self.running(key, role)
+        if pid is not None:
+            _terminate([pid], grace)
+        self._reap()
+
+    def remove(self, key: str, grace: float = STOP_GRACE) -> None:
+        """The pod's processes stopped, its namespace, veths, /etc/netns files and directory removed. Idempotent."""
+        pids = [pid for role in ROLES if (pid := self.running(key, role)) is not None]
+        _terminate(pids, grace)
+        self.network.remove_pod(pod_dir_name(key))  # kills whatever else still runs inside
+        shutil.rmtree(self.pod_dir(key), ignore_errors=True)
+        self._reap()
+
+    def listening(self, key: str, ports: Sequence[int]) -> bool:
+        """Whether the pod's workload runs and something listens on each of `ports` in the pod (a kubelet's TCP
+        readiness probe, read from /proc/<pid>/net/tcp* of the pod's network namespace instead of connecting)."""
+        pid = self.running(key, "app")
+        if pid is None:
+            return False
+        found: set[int] = set()
+        for table in ("tcp", "tcp6"):
+            try:
+                lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+            except OSError:
+                continue
+            for line in lines:
+                fields = line.split()
+                if len(fields) > 3 and fields[3] == "0A":  # TCP_LISTEN
+                    found.add(int(fields[1].rsplit(":", 1)[1], 16))
+        return set(ports) <= found
+
+    def probe(self, ip: str, path: str) -> int:
+        """GET the sidecar's admin `path` at `ip`: the status code, or 0 when nothing answers in time."""
+        conn = http.client.HTTPConnection(ip, ADMIN_PORT, timeout=_PROBE_TIMEOUT)
+        try:
+            conn.request("GET", path)
+            response = conn.getresponse()
+            response.read()
+            return response.status
+        except (OSError, http.client.HTTPException):
+            return 0
+        finally:
+            conn.close()
+
+    def run(self, key: str, argv: Sequence[str], *, uid: int = APP_UID,
+            timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """A short command in the pod as its workload's user (so its traffic goes through the sidecar)."""
+        net = self.net(key)
+        if net is None:
+            raise PermanentError(f"pod {key}: its network namespace does not exist")
+        path = f"{self.bin_dir}:{_SYSTEM_PATH}" if self.bin_dir else _SYSTEM_PATH
+        return run_in_netns(net, argv, uid=uid, timeout=timeout, check=False, cwd="/",
+                            env={"PATH": path, "HOME": "/", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"})
+
+    def sweep(self, grace: float = STOP_GRACE) -> None:
+        """Everything of this mesh on the host (see the module's docstring). Idempotent."""
+        pods = self.runtime_dir / "pods"
+        pids: list[int] = []
+        if pods.is_dir():
+            for directory in pods.iterdir():
+                for role in ROLES:
+                    pid, started = _read_pid(directory / f"{role}.pid")
+                    if pid is not None and _start_time(pid) == started:
+                        pids.append(pid)
+        _terminate(pids, grace)
+        self.network.destroy()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # the parent (/run/meshloom) is ours too once no other mesh uses it
+            self.runtime_dir.parent.rmdir()
+        self._reap()
+
+    def _reap(self) -> None:
+        for pid, child in list(self._children.items()):
+            if child.poll() is not None:
+                del self._children[pid]
+
+
+# ---- processes by pid -------------------------------------------------------------------------------------------
+def _start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (clock ticks after boot); None if the process is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    if fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])
+
+
+def _write_pid(path: Path, pid: int) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(f"{pid} {_start_time(pid) or 0}\n")
+    temporary.replace(path)
+
+
+def _read_pid(path: Path) -> tuple[int | None, int | None]:
+    try:
+        pid, started = path.read_text().split()
+        return int(pid), int(started)
+    except (OSError, ValueError):
+        return None, None
+
+
+def process_alive(pid: int) -> bool:
+    return _start_time(pid) is not None
+
+
+def _terminate(pids: Sequence[int], grace: float) -> None:
+    """SIGTERM each process's session (the sidecar's HAProxy with it), then SIGKILL what is left after `grace`."""
+    started = {pid: _start_time(pid) for pid in pids}
+    live = [pid for pid, t in started.items() if t is not None]
+    for pid in live:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while live and time.monotonic() < deadline:
+        time.sleep(0.05)
+        live = [pid for pid in live if _start_time(pid) == started[pid]]
+    for pid in live:
+        _signal(pid, signal.SIGKILL)
+
+
+def _signal(pid: int, sig: signal.Signals) -> None:
+    """The process, and its session's group when it leads one (what it started goes with it)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if os.getsid(pid) == pid:
+            os.killpg(pid, sig)
+            return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def stop_process(pid: int, grace: float = 10.0) -> bool:
+    """SIGTERM a process, SIGKILL it after `grace`; True if it ran."""
+    if not process_alive(pid):
+        return False
+    started = _start_time(pid)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while _start_time(pid) == started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _start_time(pid) == started:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def spawn_detached(argv: Sequence[str], log: Path, env: Mapping[str, str] | None = None) -> int:
+    """Start a process in a session of its own, its output appended to `log`, not waited for: the control plane
+    that `meshctl up -f` leaves running. Returns its pid."""
+    log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(log, "ab") as out:
+        try:
+            proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, env=dict(env) if env is not None else None)
+        except OSError as exc:
+            raise PermanentError(f"cannot start {argv[0]}: {exc}") from None
+    return proc.pid
+
+
+def _last_line(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
+            lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
+
+
+__all__ = ["APP_UID", "SIDECAR_UID", "Exited", "LocalPods", "MissingPrivilege", "PodProcess", "process_alive",
+           "spawn_detached", "stop_process"]
