@@ -27,20 +27,27 @@ platform (engine/local.py), which decides when:
 The runtime directory (`/run/meshloom/<prefix>` by default) holds what the pods' unprivileged users must reach:
 the sidecars' run directories (owned by uid 2102) and the node agent's Workload API sockets. It is not the state
 directory, which is private to root (a default under /root cannot be traversed by uid 2102).
+
+`PodRuntime` is what the local platform uses of all this; `FakeLocalPods` plays it in memory for the platform's unit
+tests (namespaces, processes with fake pids that die on `kill`, probe answers from a table).
 """
 
 from __future__ import annotations
 
 import contextlib
 import http.client
+import ipaddress
+import itertools
 import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from actions.errors import MissingPrivilege, MissingTool, PermanentError
 from actions.iptables import InitSettings, install
@@ -171,6 +178,10 @@ class LocalPods:
         self._children[proc.pid] = proc
         _write_pid(self.pod_dir(key) / f"{role}.pid", proc.pid)
         return proc.pid
+
+    def started_before(self, key: str, role: str) -> bool:
+        """Whether the pod's `role` process was started since the pod was created (its pid file is there)."""
+        return (self.pod_dir(key) / f"{role}.pid").exists()
 
     def running(self, key: str, role: str) -> int | None:
         """The pid of the pod's `role` process if it runs (ours, by its start time), else None."""
@@ -363,5 +374,191 @@ def _last_line(path: Path) -> str:
     return lines[-1] if lines else ""
 
 
-__all__ = ["APP_UID", "SIDECAR_UID", "Exited", "LocalPods", "MissingPrivilege", "PodProcess", "process_alive",
-           "spawn_detached", "stop_process"]
+# ---- what the local platform needs of a pod runtime, and a fake of it --------------------------------------------
+class PodNetworks(Protocol):
+    def pods(self) -> list[PodNet]: ...
+
+
+class PodRuntime(Protocol):
+    """What engine/local.py's LocalPlatform uses of LocalPods (FakeLocalPods plays it in unit tests)."""
+
+    @property
+    def network(self) -> PodNetworks: ...
+
+    def pod_dir(self, key: str) -> Path: ...
+
+    def log_path(self, key: str, role: str) -> Path: ...
+
+    def net(self, key: str) -> PodNet | None: ...
+
+    def create(self, key: str, ip: str, hosts: Mapping[str, str], *, init: InitSettings | None) -> PodNet: ...
+
+    def write_hosts(self, key: str, hosts: Mapping[str, str]) -> None: ...
+
+    def start(self, key: str, role: str, process: PodProcess) -> int: ...
+
+    def started_before(self, key: str, role: str) -> bool: ...
+
+    def running(self, key: str, role: str) -> int | None: ...
+
+    def exited(self, key: str, role: str) -> Exited: ...
+
+    def listening(self, key: str, ports: Sequence[int]) -> bool: ...
+
+    def probe(self, ip: str, path: str) -> int: ...
+
+    def remove(self, key: str, grace: float = STOP_GRACE) -> None: ...
+
+
+class FakePodNetwork:
+    """The pods' namespaces of a FakeLocalPods, by name (`namespace_pod`), as HostNetwork lists them."""
+
+    def __init__(self, subnet: str) -> None:
+        self.subnet = ipaddress.IPv4Network(subnet)
+        self.nets: dict[str, PodNet] = {}
+
+    def pods(self) -> list[PodNet]:
+        return sorted(self.nets.values(), key=lambda n: n.name)
+
+
+@dataclass
+class FakePod:
+    """A pod's namespace as FakeLocalPods made it: its address, hosts file and init rules (None: unmeshed)."""
+
+    net: PodNet
+    hosts: dict[str, str]
+    init: InitSettings | None
+
+
+@dataclass
+class FakeProcess:
+    """A started process: it runs while `code` is None."""
+
+    pid: int
+    process: PodProcess
+    code: int | None = None
+    last_line: str = ""
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(self.process.env)
+
+
+@dataclass
+class _FakeSlot:
+    pod: FakePod
+    procs: dict[str, FakeProcess] = field(default_factory=dict)
+    started: set[str] = field(default_factory=set)
+
+
+class FakeLocalPods:
+    """LocalPods in memory, behaving: namespaces exist from `create` to `remove`, processes run from `start` until
+    `kill`, `running` / `exited` / `started_before` answer as the real ones do. The sidecar's admin port answers
+    /live and /ready with 200 while the pod's sidecar runs (0 otherwise), unless `probes[(key, path)]` says another
+    code; the workload listens once it runs, unless its pod is in `deaf`. `started` keeps every start in order;
+    `removed` every removal; `created` every namespace made (a kept one is not made again)."""
+
+    def __init__(self, root: Path, subnet: str = "10.213.0.0/16", prefix: str = "fake-") -> None:
+        self.root = root
+        self.prefix = prefix
+        self.network = FakePodNetwork(subnet)
+        self.probes: dict[tuple[str, str], int] = {}
+        self.deaf: set[str] = set()
+        self.started: list[tuple[str, str, PodProcess]] = []
+        self.created: list[str] = []
+        self.removed: list[str] = []
+        self._pods: dict[str, _FakeSlot] = {}
+        self._pids = itertools.count(1000)
+        self._lock = threading.Lock()
+
+    # ---- for tests
+    def pod(self, key: str) -> FakePod | None:
+        slot = self._pods.get(key)
+        return slot.pod if slot is not None else None
+
+    def process(self, key: str, role: str) -> FakeProcess | None:
+        slot = self._pods.get(key)
+        return slot.procs.get(role) if slot is not None else None
+
+    def kill(self, key: str, role: str, code: int = 1, last_line: str = "") -> None:
+        """The pod's `role` process ends with `code`, its log's last line `last_line`."""
+        proc = self.process(key, role)
+        if proc is None or proc.code is not None:
+            raise KeyError(f"pod {key}: no {role} process runs")
+        proc.code, proc.last_line = code, last_line
+
+    # ---- PodRuntime
+    def pod_dir(self, key: str) -> Path:
+        return self.root / "pods" / pod_dir_name(key)
+
+    def log_path(self, key: str, role: str) -> Path:
+        return self.root / "logs" / f"{pod_dir_name(key)}.{role}.log"
+
+    def net(self, key: str) -> PodNet | None:
+        return self.network.nets.get(pod_dir_name(key))
+
+    def create(self, key: str, ip: str, hosts: Mapping[str, str], *, init: InitSettings | None) -> PodNet:
+        with self._lock:
+            name = pod_dir_name(key)
+            slot = self._pods.get(key)
+            if slot is not None and str(slot.pod.net.ip) == ip:
+                slot.pod.hosts, slot.pod.init = dict(hosts), init
+                return slot.pod.net
+            address = ipaddress.IPv4Address(ip)
+            if address not in self.network.subnet:
+                raise PermanentError(f"pod {key}: {ip} is outside {self.network.subnet}")
+            net = PodNet(name, f"{self.prefix}{name}", address, next(self.network.subnet.hosts()),
+                         self.network.subnet.prefixlen, f"{self.prefix}h{len(self.created)}")
+            self.network.nets[name] = net
+            self._pods[key] = _FakeSlot(FakePod(net, dict(hosts), init))  # at another address: made again
+            self.created.append(key)
+            return net
+
+    def write_hosts(self, key: str, hosts: Mapping[str, str]) -> None:
+        slot = self._pods.get(key)
+        if slot is not None:
+            slot.pod.hosts = dict(hosts)
+
+    def start(self, key: str, role: str, process: PodProcess) -> int:
+        with self._lock:
+            slot = self._pods.get(key)
+            if slot is None:
+                raise PermanentError(f"pod {key}: its network namespace does not exist")
+            pid = next(self._pids)
+            slot.procs[role] = FakeProcess(pid, process)
+            slot.started.add(role)
+            self.started.append((key, role, process))
+            return pid
+
+    def started_before(self, key: str, role: str) -> bool:
+        slot = self._pods.get(key)
+        return slot is not None and role in slot.started
+
+    def running(self, key: str, role: str) -> int | None:
+        proc = self.process(key, role)
+        return proc.pid if proc is not None and proc.code is None else None
+
+    def exited(self, key: str, role: str) -> Exited:
+        proc = self.process(key, role)
+        return Exited(proc.code, proc.last_line) if proc is not None else Exited(None, "")
+
+    def listening(self, key: str, ports: Sequence[int]) -> bool:
+        return self.running(key, "app") is not None and key not in self.deaf
+
+    def probe(self, ip: str, path: str) -> int:
+        key = next((k for k, s in self._pods.items() if str(s.pod.net.ip) == ip), None)
+        if key is None:
+            return 0
+        if (key, path) in self.probes:
+            return self.probes[(key, path)]
+        return 200 if path in ("/live", "/ready") and self.running(key, "sidecar") is not None else 0
+
+    def remove(self, key: str, grace: float = STOP_GRACE) -> None:
+        with self._lock:
+            if self._pods.pop(key, None) is not None:
+                self.removed.append(key)
+            self.network.nets.pop(pod_dir_name(key), None)
+
+
+__all__ = ["APP_UID", "SIDECAR_UID", "Exited", "FakeLocalPods", "FakePod", "FakeProcess", "LocalPods",
+           "MissingPrivilege", "PodProcess", "PodRuntime", "process_alive", "spawn_detached", "stop_process"]

@@ -20,6 +20,8 @@ each where a kubelet would:
     identity-issued          the sidecar's liveness probe answers                         sidecar_connected
     config-synced            the sidecar's readiness probe answers 200 and the workload   ready
                              listens on its ports
+    live, its manifest entry -                                                            terminate
+      changed (another uid)
     any live state           keeps the namespace, the socket and both processes; one
                              that died is started again, with a backoff (1 s doubling to
                              30 s) when it keeps dying
@@ -39,10 +41,7 @@ where the store says they are. The sidecars keep serving on their last configura
 
 from __future__ import annotations
 
-import ipaddress
-import json
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -53,7 +52,16 @@ from typing import Any, Protocol
 from actions.ca import CaSettings
 from actions.errors import ActionError
 from actions.iptables import InitSettings
-from actions.localpods import APP_UID, SIDECAR_UID, LocalPods, PodProcess
+from actions.localpods import APP_UID, SIDECAR_UID, LocalPods, PodProcess, PodRuntime
+from actions.localstate import (
+    Desired,
+    DesiredPod,
+    LocalNetwork,
+    desired_stamp,
+    load_desired,
+    save_network,
+    save_status,
+)
 from actions.netns import HostNetwork
 from actions.nodeagent import endpoint_socket
 from catalog.inject import IGNORE_INCOMING_ANNOTATION, parse_ports
@@ -66,13 +74,6 @@ from store import Store
 log = logging.getLogger("meshloom.local")
 
 NODE = "local"
-LOCAL_DIR = "local"
-NETWORK_FILE = "network.json"
-DESIRED_FILE = "mesh.json"
-STATUS_FILE = "status.json"
-DEFAULT_SUBNET = "10.213.0.0/16"
-DEFAULT_PREFIX = "mesh-"
-RUNTIME_ROOT = Path("/run/meshloom")
 RECONCILE_EVERY = 0.25  # seconds: a probe of the pods still starting and a look at /proc for the others
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0  # seconds before a process that died is started again
 DRAIN_SECONDS = 2.0  # a sidecar stopped by `down` drains this long
@@ -81,139 +82,7 @@ LIVE = ("admitted", "injected", "scheduled", "identity-requested", "identity-iss
         "config-synced", "ready")
 
 
-# ---- the mesh's network, kept in the state directory ----------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class LocalNetwork:
-    """The bridge's prefix and subnet, and the NATS port (0 until the first control plane chose one)."""
-
-    prefix: str = DEFAULT_PREFIX
-    subnet: str = DEFAULT_SUBNET
-    nats_port: int = 0
-
-    @property
-    def network(self) -> ipaddress.IPv4Network:
-        return ipaddress.IPv4Network(self.subnet)
-
-    @property
-    def gateway(self) -> ipaddress.IPv4Address:
-        return next(self.network.hosts())
-
-    def ranges(self) -> tuple[ipaddress.IPv4Network, ipaddress.IPv4Network]:
-        """Pods in the lower half of the subnet (after the gateway), Services' virtual addresses in the upper."""
-        low, high = self.network.subnets(prefixlen_diff=1)
-        return low, high
-
-    @property
-    def runtime_dir(self) -> Path:
-        return RUNTIME_ROOT / self.prefix.rstrip("-")
-
-
-def local_dir(state_dir: Path) -> Path:
-    return state_dir / LOCAL_DIR
-
-
-def load_network(state_dir: Path) -> LocalNetwork | None:
-    """The mesh's network, if `meshctl up -f` ever ran on this state directory."""
-    try:
-        raw = json.loads((local_dir(state_dir) / NETWORK_FILE).read_text())
-    except FileNotFoundError:
-        return None
-    return LocalNetwork(str(raw["prefix"]), str(raw["subnet"]), int(raw.get("nats_port", 0)))
-
-
-def save_network(state_dir: Path, net: LocalNetwork) -> None:
-    _write_json(local_dir(state_dir) / NETWORK_FILE,
-                {"prefix": net.prefix, "subnet": net.subnet, "nats_port": net.nats_port})
-
-
-def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
-    temporary.replace(path)
-
-
-# ---- the desired pods ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class DesiredPod:
-    key: str
-    service_account: str
-    command: tuple[str, ...]
-    env: tuple[tuple[str, str], ...]
-    annotations: tuple[tuple[str, str], ...]
-    labels: tuple[tuple[str, str], ...]
-    meshed: bool
-    ip: str
-    ports: tuple[int, ...] = ()  # the workload's container ports: it is ready once it listens on each
-
-    @property
-    def namespace(self) -> str:
-        return self.key.partition("/")[0]
-
-    @property
-    def name(self) -> str:
-        return self.key.partition("/")[2]
-
-
-@dataclass(frozen=True, slots=True)
-class Desired:
-    mesh: str = ""
-    pods: tuple[DesiredPod, ...] = ()
-    services: tuple[tuple[str, str], ...] = ()  # ("namespace/name", virtual address)
-    resources: tuple[tuple[str, str, str], ...] = ()  # what `up` stored in the world: (kind, namespace, name)
-
-    def hosts(self, namespace: str) -> dict[str, str]:
-        """The names of every Service for a pod in `namespace`: `<svc>.<ns>.svc.cluster.local`, `<svc>.<ns>.svc`,
-        `<svc>.<ns>`, and `<svc>` alone for its own namespace, as Kubernetes' DNS search path resolves them."""
-        out: dict[str, str] = {}
-        for key, address in self.services:
-            ns, _, name = key.partition("/")
-            for host in (f"{name}.{ns}.svc.cluster.local", f"{name}.{ns}.svc", f"{name}.{ns}"):
-                out[host] = address
-            if ns == namespace:
-                out[name] = address
-        return out
-
-
-def save_desired(state_dir: Path, desired: Desired) -> None:
-    _write_json(local_dir(state_dir) / DESIRED_FILE, {
-        "mesh": desired.mesh,
-        "pods": [{"key": p.key, "serviceAccount": p.service_account, "command": list(p.command), "env": dict(p.env),
-                  "annotations": dict(p.annotations), "labels": dict(p.labels), "meshed": p.meshed, "ip": p.ip,
-                  "ports": list(p.ports)}
-                 for p in desired.pods],
-        "services": dict(desired.services),
-        "resources": [list(r) for r in desired.resources],
-    })
-
-
-def load_desired(state_dir: Path) -> Desired:
-    try:
-        raw = json.loads((local_dir(state_dir) / DESIRED_FILE).read_text())
-    except FileNotFoundError:
-        return Desired()
-    pods = tuple(DesiredPod(p["key"], p["serviceAccount"], tuple(p["command"]), tuple(sorted(p["env"].items())),
-                            tuple(sorted(p["annotations"].items())), tuple(sorted(p["labels"].items())),
-                            bool(p["meshed"]), p["ip"], tuple(p.get("ports", ()))) for p in raw.get("pods", ()))
-    return Desired(raw.get("mesh", ""), pods, tuple(sorted(raw.get("services", {}).items())),
-                   tuple((str(k), str(n), str(m)) for k, n, m in raw.get("resources", ())))
-
-
-def load_status(state_dir: Path) -> dict[str, Any]:
-    try:
-        return dict(json.loads((local_dir(state_dir) / STATUS_FILE).read_text()))
-    except (FileNotFoundError, ValueError):
-        return {}
-
-
-def status_time(state_dir: Path) -> float:
-    """When the local platform last wrote its status (seconds since the epoch; 0 if never)."""
-    try:
-        return os.stat(local_dir(state_dir) / STATUS_FILE).st_mtime
-    except FileNotFoundError:
-        return 0.0
-
-
+# ---- the world of the mesh
 def stored_addresses(store: Store) -> dict[str, str]:
     """The addresses the stored world gives: "pod/<ns>/<name>" -> podIP, "service/<ns>/<name>" -> clusterIP."""
     out: dict[str, str] = {}
@@ -265,8 +134,10 @@ class LocalPlatform:
     """The pods of one host: `inject` / `teardown` for the pod machine's effects, `reconcile` for the rest.
     `bind` gives it the engine it fires triggers into, the node agent and where the sidecars find NATS."""
 
-    def __init__(self, pods: LocalPods, state_dir: Path, meshctl: str) -> None:
+    def __init__(self, pods: PodRuntime, state_dir: Path, meshctl: str, *,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
         self.pods = pods
+        self._monotonic = monotonic  # the restart backoff's clock (a fake one in unit tests)
         self.state_dir = state_dir
         self.meshctl = meshctl
         self.engine: Engine | None = None
@@ -274,6 +145,7 @@ class LocalPlatform:
         self.nats_url: Callable[[], str] = lambda: ""
         self._desired = Desired()
         self._desired_stamp: tuple[int, int] | None = None
+        self._hosts_stamp: tuple[int, int] | None = None
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._watch: dict[str, _PodWatch] = {}
@@ -283,12 +155,7 @@ class LocalPlatform:
 
     # ---- what is wanted
     def desired(self) -> Desired:
-        path = local_dir(self.state_dir) / DESIRED_FILE
-        try:
-            info = os.stat(path)
-            stamp = (info.st_mtime_ns, info.st_size)
-        except FileNotFoundError:
-            stamp = None
+        stamp = desired_stamp(self.state_dir)
         if stamp != self._desired_stamp:
             self._desired = load_desired(self.state_dir) if stamp is not None else Desired()
             self._desired_stamp = stamp
@@ -321,6 +188,11 @@ class LocalPlatform:
     def reconcile(self) -> None:
         assert self.engine is not None, "bind() first"
         desired = self.desired()
+        if self._desired_stamp != self._hosts_stamp:  # Services may have come or gone: every pod's names again
+            for pod in desired.pods:
+                with self._lock(pod.key):
+                    self.pods.write_hosts(pod.key, desired.hosts(pod.namespace))
+            self._hosts_stamp = self._desired_stamp
         rows = {r.key: r for r in self.engine.store.list("pod")}
         status: dict[str, Any] = {}
         wanted = {p.key for p in desired.pods}
@@ -345,15 +217,19 @@ class LocalPlatform:
             if key not in wanted and (key not in rows or rows[key].state == "gone"):
                 with self._lock(key):
                     self.pods.remove(key)
-        _write_json(local_dir(self.state_dir) / STATUS_FILE, status)
+        save_status(self.state_dir, status)
 
     def _step(self, pod: DesiredPod, state: str | None, data: Mapping[str, Any]) -> None:
         if not pod.meshed:
             self._ensure(pod, sidecar=False)
             return
         if state in (None, "gone"):
-            self._fire(pod.key, "admit", {"namespace": pod.namespace, "name": pod.name,
+            self._fire(pod.key, "admit", {"namespace": pod.namespace, "name": pod.name, "uid": pod.uid,
                                           "service_account": pod.service_account, "labels": dict(pod.labels)})
+            return
+        if state != "terminating" and data.get("uid") and data["uid"] != pod.uid:
+            self._fire(pod.key, "terminate", {"reason": "its entry in the mesh manifest changed: a new pod replaces "
+                                                        "it"})
             return
         if state == "injected":
             self._fire(pod.key, "schedule", {"node": NODE, "ip": pod.ip})
@@ -393,9 +269,8 @@ class LocalPlatform:
         if self.pods.running(pod.key, role) is not None:
             return
         proc = watch.procs[role]
-        now = time.monotonic()
-        started_before = (self.pods.pod_dir(pod.key) / f"{role}.pid").exists()
-        if started_before:
+        now = self._monotonic()
+        if self.pods.started_before(pod.key, role):
             ended = self.pods.exited(pod.key, role)
             how = f"exited with {ended.code}" if ended.code is not None else "is not running"
             proc.last_exit = f"{how}{': ' + ended.last_line if ended.last_line else ''}"

@@ -93,7 +93,7 @@ WAITING_FOR = {
     PodState.identity_requested: "its certificate",
     PodState.identity_issued: "its sidecar to connect",
     PodState.sidecar_connected: "its first configuration to be acknowledged",
-    PodState.config_synced: "its proxy to come up",
+    PodState.config_synced: "its proxy and its workload to be ready",
     PodState.ready: "",
     PodState.terminating: "teardown",
     PodState.gone: "",

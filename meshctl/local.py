@@ -25,6 +25,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from actions import localstate
 from actions.clock import SystemClock
 from actions.errors import HostUnsupported, PermanentError
 from actions.localpods import LocalPods, process_alive, spawn_detached, stop_process
@@ -101,15 +102,15 @@ def check_host_for_pods() -> None:
     _check_reachable(meshctl_path())
 
 
-def _network(state_dir: Path, subnet: str | None, prefix: str | None) -> local.LocalNetwork:
-    saved = local.load_network(state_dir)
+def _network(state_dir: Path, subnet: str | None, prefix: str | None) -> localstate.LocalNetwork:
+    saved = localstate.load_network(state_dir)
     if saved is not None:
         for flag, given, kept in (("--subnet", subnet, saved.subnet), ("--prefix", prefix, saved.prefix)):
             if given is not None and given != kept:
                 raise HostProblem(f"{flag} {given}: the mesh in {state_dir} uses {kept}; 'meshctl down' it first "
                                   f"to change it")
         return saved
-    net = local.LocalNetwork(prefix or local.DEFAULT_PREFIX, subnet or local.DEFAULT_SUBNET)
+    net = localstate.LocalNetwork(prefix or localstate.DEFAULT_PREFIX, subnet or localstate.DEFAULT_SUBNET)
     try:
         HostNetwork(net.prefix, net.subnet)  # checks the prefix and the subnet's size
     except PermanentError as exc:
@@ -135,7 +136,7 @@ def up(paths: Paths, source: str, *, subnet: str | None, prefix: str | None, tim
     migrate.upgrade(paths.url)
     store = Store(paths.url)
     try:
-        previous = local.load_desired(paths.state_dir)
+        previous = localstate.load_desired(paths.state_dir)
         pod_range, service_range = net.ranges()
         # The gateway is the pod range's first address: pods take the next ones.
         taken = {**local.stored_addresses(store), "gateway": str(net.gateway)}
@@ -143,12 +144,12 @@ def up(paths: Paths, source: str, *, subnet: str | None, prefix: str | None, tim
         manifests = model.render(spec, addresses)
         refs = local.store_world(store, manifests, previous, actor=f"cli:{getpass.getuser()}",
                                  now=SystemClock().now())
-        local.save_network(paths.state_dir, net)
-        desired = local.Desired(spec.name, tuple(
-            local.DesiredPod(p.key, p.service_account, p.command, p.env, p.annotations, p.labels, p.meshed,
+        localstate.save_network(paths.state_dir, net)
+        desired = localstate.Desired(spec.name, tuple(
+            localstate.DesiredPod(p.key, p.service_account, p.command, p.env, p.annotations, p.labels, p.meshed,
                              addresses[f"pod/{p.key}"], p.ports) for p in spec.pods),
             tuple(sorted((s.key, addresses[f"service/{s.key}"]) for s in spec.services)), refs)
-        local.save_desired(paths.state_dir, desired)
+        localstate.save_desired(paths.state_dir, desired)
         spawned: int | None = None
         if control_plane_pid(paths.state_dir) is None:
             log = paths.state_dir / "logs" / CONTROL_PLANE_LOG
@@ -160,13 +161,13 @@ def up(paths: Paths, source: str, *, subnet: str | None, prefix: str | None, tim
         store.close()
 
 
-def _ready(pod: local.DesiredPod, state: str | None, status: dict[str, object]) -> bool:
+def _ready(pod: localstate.DesiredPod, state: str | None, status: dict[str, object]) -> bool:
     if pod.meshed:
         return state == "ready"
     return status.get("ready") is True
 
 
-def _follow(state_dir: Path, store: Store, desired: local.Desired, timeout: float, *, spawned: int | None,
+def _follow(state_dir: Path, store: Store, desired: localstate.Desired, timeout: float, *, spawned: int | None,
             quiet: bool) -> None:
     """Show the pods coming up; return when all are ready, raise MeshProblem saying which is stuck and why."""
     deadline = time.monotonic() + timeout
@@ -177,7 +178,7 @@ def _follow(state_dir: Path, store: Store, desired: local.Desired, timeout: floa
         task = progress.add_task("pods ready", total=total)
         while True:
             rows = {v.pod: v for v in views.pods(store, SystemClock().now())}
-            status = local.load_status(state_dir)
+            status = localstate.load_status(state_dir)
             ready = [p for p in desired.pods
                      if _ready(p, rows[p.key].state if p.key in rows else None, status.get(p.key) or {})]
             behind = [p for p in desired.pods if p not in ready]
@@ -187,7 +188,7 @@ def _follow(state_dir: Path, store: Store, desired: local.Desired, timeout: floa
             progress.update(task, completed=len(ready), description=shown)
             # Ready as the store says, and seen so by a control plane that runs now and has read this manifest
             # (a pass of its local platform since this `up` began): a restarted one has adopted the pods.
-            if not behind and control_plane_pid(state_dir) is not None and local.status_time(state_dir) > since:
+            if not behind and control_plane_pid(state_dir) is not None and localstate.status_time(state_dir) > since:
                 return
             failed = [p for p in behind if p.key in rows and rows[p.key].state == "failed"]
             if failed:
@@ -208,7 +209,7 @@ def _rank(view: views.PodView | None) -> int:
     return _ORDER.index(view.state) if view is not None and view.state in _ORDER else -1
 
 
-def _why(pod: local.DesiredPod, rows: dict[str, views.PodView], status: dict[str, dict[str, object]]) -> str:
+def _why(pod: localstate.DesiredPod, rows: dict[str, views.PodView], status: dict[str, dict[str, object]]) -> str:
     view = rows.get(pod.key)
     mine = status.get(pod.key) or {}
     problem = str(mine.get("problem") or "")
@@ -240,16 +241,16 @@ def down(paths: Paths, *, purge: bool, quiet: bool = False) -> list[str]:
     """See the module's docstring; returns what it did, a line each."""
     done: list[str] = []
     state_dir = paths.state_dir
-    net = local.load_network(state_dir)
+    net = localstate.load_network(state_dir)
     if net is None and not state_dir.exists():
         return ["nothing to stop: no mesh in " + str(state_dir)]
     check_host_for_pods()
     pid = control_plane_pid(state_dir)
-    previous = local.load_desired(state_dir)
+    previous = localstate.load_desired(state_dir)
     if pid is not None and net is not None and previous.pods:
         # While the control plane runs, each pod's life ends through its machine (terminating, then gone: the
         # journal shows it), and the mesh's world is taken out, before anything is swept.
-        local.save_desired(state_dir, local.Desired(previous.mesh, (), previous.services, previous.resources))
+        localstate.save_desired(state_dir, localstate.Desired(previous.mesh, (), previous.services, previous.resources))
         store = Store(paths.url)
         try:
             keys = {p.key for p in previous.pods if p.meshed}
@@ -267,7 +268,7 @@ def down(paths: Paths, *, purge: bool, quiet: bool = False) -> list[str]:
         pods = LocalPods(HostNetwork(net.prefix, net.subnet), net.runtime_dir, state_dir / "logs")
         pods.sweep()
         done.append(f"removed the pods' namespaces, veths, bridge {net.prefix}br and {net.runtime_dir}")
-        local.save_desired(state_dir, local.Desired())
+        localstate.save_desired(state_dir, localstate.Desired())
     nats_pid = state_dir / "nats" / "nats-server.pid"
     if nats_pid.exists():
         text = nats_pid.read_text().strip()
@@ -306,7 +307,7 @@ def demo(paths: Paths, *, subnet: str | None, prefix: str | None, timeout: float
     result = up(paths, str(manifest), subnet=subnet, prefix=prefix, timeout=timeout, plane_args=plane_args)
     console.print(f"{result.pods} pods ready in {result.seconds:.1f}s\n")
 
-    net = local.load_network(paths.state_dir)
+    net = localstate.load_network(paths.state_dir)
     assert net is not None
     pods = LocalPods(HostNetwork(net.prefix, net.subnet), net.runtime_dir, paths.state_dir / "logs",
                      bin_dir=meshctl_path().parent)

@@ -13,13 +13,23 @@ from meshctl.problems import UsageProblem
 
 def read(source: str) -> tuple[str, list[dict[str, Any]]]:
     """`source` is a path or "-"; returns how to name it and its non-empty documents (a `List` is unrolled)."""
+    name, text = read_text(source)
+    return name, parse(name, text)
+
+
+def read_text(source: str) -> tuple[str, str]:
+    """`source` is a path or "-": how to name it, and its text."""
     name = "<stdin>" if source == "-" else source
     try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text()
+        return name, sys.stdin.read() if source == "-" else Path(source).read_text()
     except OSError as exc:
         raise UsageProblem(f"{name}: cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError:
         raise UsageProblem(f"{name}: not UTF-8 text") from None
+
+
+def parse(name: str, text: str) -> list[dict[str, Any]]:
+    """The non-empty documents of a YAML (or JSON) text named `name` in errors; a `List` is unrolled."""
     try:
         loaded = list(yaml.safe_load_all(text))
     except yaml.YAMLError as exc:
@@ -39,4 +49,4 @@ def read(source: str) -> tuple[str, list[dict[str, Any]]]:
             docs.append(doc)
     if not docs:
         raise UsageProblem(f"{name}: no manifests in it")
-    return name, docs
+    return docs

@@ -1,18 +1,15 @@
 """Reading a mesh file for `meshctl up -f mesh.yaml`: the catalog's checks, each problem printed at its line.
 
 The catalog says where a problem is as a document index and a field path (`spec.workloads[1].ports[0].containerPort`);
-only the YAML text knows the line. So the file is read twice over one text: once into plain values (by
-`meshctl.manifests`, which also words syntax errors), once into YAML nodes, which keep their positions. A path that
+only the YAML text knows the line. So the text is parsed twice: once into plain values (by `meshctl.manifests`,
+which also words syntax errors), once into YAML nodes, which keep their positions. A path that
 leads to a field the file does not have (a missing required field) is placed at its nearest ancestor that exists.
 """
 
 from __future__ import annotations
 
-import io
 import re
-import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -36,20 +33,8 @@ class ManifestProblems(Exception):
 
 def load(source: str) -> tuple[str, list[dict[str, Any]], list[yaml.Node]]:
     """`source` is a path or "-": how to name it, its non-empty documents, and the YAML node of each of them."""
-    if source == "-":
-        # Standard input can be read once: keep the text, and let manifests.read read it from a buffer.
-        text = sys.stdin.read()
-        saved, sys.stdin = sys.stdin, io.StringIO(text)
-        try:
-            name, docs = manifests.read(source)
-        finally:
-            sys.stdin = saved
-    else:
-        name, docs = manifests.read(source)
-        try:
-            text = Path(source).read_text()
-        except (OSError, UnicodeDecodeError) as exc:  # it was readable a moment ago
-            raise UsageProblem(f"{name}: cannot read: {exc}") from None
+    name, text = manifests.read_text(source)
+    docs = manifests.parse(name, text)
     nodes = [node for node in yaml.compose_all(text, Loader=yaml.SafeLoader) if not _empty(node)]
     if len(nodes) != len(docs):
         # manifests.read unrolls a `kind: List`; a mesh file is documents, so positions would no longer match.

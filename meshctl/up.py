@@ -19,6 +19,7 @@ from types import FrameType
 
 from rich.console import Console
 
+from actions import localstate
 from actions.ca import CaSettings, format_duration
 from actions.errors import ActionError
 from engine import local
@@ -74,7 +75,7 @@ def run(paths: Paths, ca: CaSettings, *, tick_seconds: float, run_for: float | N
     try:
         before, after = migrate.upgrade(paths.url)
         store = Store(paths.url)
-        network = local.load_network(paths.state_dir)
+        network = localstate.load_network(paths.state_dir)
         host: local.LocalHost | None = None
         if network is not None:
             bin_dir = Path(sys.executable).parent

@@ -323,3 +323,65 @@ def test_up_without_the_privilege_it_needs_says_so_in_one_line() -> None:
         assert not (work / "state").exists()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+# ---- the demo -----------------------------------------------------------------------------------------------------
+DEMO_PODS = ("demo/backend-v1-0", "demo/backend-v2-0", "demo/client-0", "demo/frontend-0", "demo/intruder-0")
+
+
+def test_the_demo_shows_the_split_the_refusals_and_the_identities_rotates_live_and_leaves_the_mesh_up(
+        mesh: Mesh) -> None:
+    done = mesh.meshctl("demo", "--subnet", mesh.subnet, "--prefix", mesh.prefix)
+    out = done.stdout
+    rows = {line.strip().split("  ")[0]: line for line in out.splitlines() if " -> " in line.strip().split("  ")[0]}
+    td = "spiffe://example.org/ns/demo/sa"
+
+    assert f"{td}/client -> {td}/frontend" in rows["client -> frontend"]
+    assert "100.0%" in rows["client -> frontend"]
+    split = re.search(r"split backend-v1-0 ([\d.]+)% / backend-v2-0 ([\d.]+)%", rows["frontend -> backend"])
+    assert split is not None, out
+    assert 65 <= float(split.group(1)) <= 95 and 5 <= float(split.group(2)) <= 35  # 80/20 over 400 calls
+    assert f"{td}/frontend -> {td}/backend" in rows["frontend -> backend"]
+    assert re.search(r"refused 20 x 403 by the access policy", rows["intruder -> frontend"])
+    assert re.search(r"\d+ x 503 over the 10r/s rate limit", rows["client -> frontend /limited"])
+    rotated = re.search(r"CA generation 1 -> 2 .*: 5 SVIDs re-issued", out)
+    assert rotated is not None, out
+    assert re.search(r"\d+ requests before, during and after it: 0 failed", out), out
+
+    # It leaves the mesh up, with every pod's whole life to read.
+    pods = {p["pod"]: p["state"] for p in mesh.json("state", "pods")}
+    assert pods == dict.fromkeys(DEMO_PODS, "ready")
+    for pod in DEMO_PODS:
+        assert [row["to_state"] for row in mesh.json("audit", f"pod/{pod}")] == LIFE
+    assert {c["generation"] for c in mesh.json("state", "certs") if c["state"] == "active"} == {"2"}
+
+    mesh.meshctl("down", "--purge")
+    assert _leftovers(mesh.prefix, mesh.state_dir) == {
+        "namespaces": [], "interfaces": [], "processes": [], "iptables rules": [], "files": []}
+
+
+def test_a_pod_that_cannot_start_is_named_with_its_state_and_why(mesh: Mesh) -> None:
+    mesh.manifest.write_text((MANIFEST + """\
+  - name: broken
+    namespace: shop
+    selector: {app: broken}
+    ports:
+    - {name: http, port: 80, targetPort: 8080}
+""").replace("  services:\n", """\
+  - name: broken
+    namespace: shop
+    labels: {app: broken}
+    command: [sh, -c, "echo cannot read /etc/broken.conf >&2; exit 3"]
+    ports:
+    - {name: http, containerPort: 8080}
+  services:
+"""))
+    done = subprocess.run([MESHCTL, "up", "-f", str(mesh.manifest), "--state-dir", str(mesh.state_dir), "--subnet",
+                           mesh.subnet, "--prefix", mesh.prefix, "--timeout", "20", "--tick", "0.5"],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 8, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, lines  # only the broken pod: the others are ready
+    assert re.fullmatch(r"meshctl: pod shop/broken-0: stuck in config-synced for \d+s, waiting for its proxy and "
+                        r"its workload to be ready; its app exited with 3: cannot read /etc/broken.conf"
+                        r"(; starting it again in \d+s| \(\d+ restart\(s\)\))", lines[0]), lines[0]
