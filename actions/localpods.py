@@ -96,6 +96,7 @@ class LocalPods:
         self.logs_dir = logs_dir
         self.bin_dir = bin_dir  # where meshctl and the venv's python live: first on the workloads' PATH
         self._children: dict[int, subprocess.Popen[bytes]] = {}
+        self._children_lock = threading.Lock()  # effects (teardowns) and the reconcile pass run on several threads
 
     # ---- the host ------------------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -108,7 +109,7 @@ class LocalPods:
         self.network.ensure()
         self.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
         os.chmod(self.runtime_dir, 0o711)
-        blocked = next((d for d in self.runtime_dir.parents if not os.stat(d).st_mode & 0o001), None)
+        blocked = unreachable_ancestor(self.runtime_dir)
         if blocked is not None:
             raise PermanentError(f"runtime directory {self.runtime_dir}: {blocked} cannot be traversed by the pods' "
                                  f"users (uid {SIDECAR_UID}, {APP_UID}); choose a runtime directory under /run")
@@ -128,9 +129,12 @@ class LocalPods:
             return self.network.pod(pod_dir_name(key))
         return None
 
-    def create(self, key: str, ip: str, hosts: Mapping[str, str], *, init: InitSettings | None) -> PodNet:
-        """The pod's namespace at `ip`, its resolv.conf and hosts file, and (when `init` is given) its redirect
-        rules. Idempotent; a namespace found at another address is made again."""
+    def create(self, key: str, ip: str, hosts: Mapping[str, str], *, init: InitSettings | None,
+               uid: str = "") -> PodNet:
+        """The pod's namespace at `ip`, its resolv.conf and hosts file, (when `init` is given) its redirect rules,
+        and its directory, which records `uid` (the incarnation it was made for) last: a pod whose uid file is
+        missing or different was not finished, or is another pod. Idempotent; a namespace found at another address
+        is made again."""
         name = pod_dir_name(key)
         net = self.net(key)
         if net is not None and str(net.ip) != ip:
@@ -153,7 +157,15 @@ class LocalPods:
         run_dir = pod_dir / "sidecar"
         run_dir.mkdir(exist_ok=True, mode=0o750)
         os.chown(run_dir, SIDECAR_UID, SIDECAR_UID)
+        (pod_dir / "uid").write_text(uid + "\n")
         return net
+
+    def uid_of(self, key: str) -> str | None:
+        """The uid `create` last finished the pod for; None when it never finished."""
+        try:
+            return (self.pod_dir(key) / "uid").read_text().strip()
+        except OSError:
+            return None
 
     def write_hosts(self, key: str, hosts: Mapping[str, str]) -> None:
         net = self.net(key)
@@ -166,8 +178,7 @@ class LocalPods:
         net = self.net(key)
         if net is None:
             raise PermanentError(f"pod {key}: its network namespace does not exist")
-        env = {"PATH": f"{self.bin_dir}:{_SYSTEM_PATH}" if self.bin_dir else _SYSTEM_PATH, "HOME": "/",
-               "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", **dict(process.env)}
+        env = {**self._env(), **dict(process.env)}
         self.logs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with open(self.log_path(key, role), "ab") as log:
             try:
@@ -175,7 +186,8 @@ class LocalPods:
                              stderr=subprocess.STDOUT, start_new_session=True)
             except OSError as exc:
                 raise PermanentError(f"pod {key}: cannot start its {role}: {exc}") from None
-        self._children[proc.pid] = proc
+        with self._children_lock:
+            self._children[proc.pid] = proc
         _write_pid(self.pod_dir(key) / f"{role}.pid", proc.pid)
         return proc.pid
 
@@ -198,7 +210,7 @@ class LocalPods:
         pid, _ = _read_pid(self.pod_dir(key) / f"{role}.pid")
         child = self._children.get(pid) if pid is not None else None
         code = child.poll() if child is not None else None
-        return Exited(code, _last_line(self.log_path(key, role)))
+        return Exited(code, last_line(self.log_path(key, role)))
 
     def log_path(self, key: str, role: str) -> Path:
         return self.logs_dir / f"{pod_dir_name(key)}.{role}.log"
@@ -254,9 +266,12 @@ class LocalPods:
         net = self.net(key)
         if net is None:
             raise PermanentError(f"pod {key}: its network namespace does not exist")
+        return run_in_netns(net, argv, uid=uid, timeout=timeout, check=False, cwd="/", env=self._env())
+
+    def _env(self) -> dict[str, str]:
+        """What every process in a pod starts with: the venv's bin first on PATH (meshctl, its python)."""
         path = f"{self.bin_dir}:{_SYSTEM_PATH}" if self.bin_dir else _SYSTEM_PATH
-        return run_in_netns(net, argv, uid=uid, timeout=timeout, check=False, cwd="/",
-                            env={"PATH": path, "HOME": "/", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"})
+        return {"PATH": path, "HOME": "/", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
 
     def sweep(self, grace: float = STOP_GRACE) -> None:
         """Everything of this mesh on the host (see the module's docstring). Idempotent."""
@@ -276,9 +291,10 @@ class LocalPods:
         self._reap()
 
     def _reap(self) -> None:
-        for pid, child in list(self._children.items()):
-            if child.poll() is not None:
-                del self._children[pid]
+        with self._children_lock:
+            for pid, child in list(self._children.items()):
+                if child.poll() is not None:
+                    self._children.pop(pid, None)
 
 
 # ---- processes by pid -------------------------------------------------------------------------------------------
@@ -312,42 +328,39 @@ def process_alive(pid: int) -> bool:
 
 
 def _terminate(pids: Sequence[int], grace: float) -> None:
-    """SIGTERM each process's session (the sidecar's HAProxy with it), then SIGKILL what is left after `grace`."""
+    """SIGTERM each process, then after `grace` SIGKILL its session's group: what it started (the sidecar's HAProxy)
+    goes with it. Only the process itself is asked to stop, so that a sidecar drains and stops its own HAProxy
+    instead of seeing it die under it."""
     started = {pid: _start_time(pid) for pid in pids}
     live = [pid for pid, t in started.items() if t is not None]
+    leaders = [pid for pid in live if _leads_session(pid)]
     for pid in live:
-        _signal(pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while live and time.monotonic() < deadline:
         time.sleep(0.05)
         live = [pid for pid in live if _start_time(pid) == started[pid]]
     for pid in live:
-        _signal(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in leaders:  # whatever of its session outlived it
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
 
 
-def _signal(pid: int, sig: signal.Signals) -> None:
-    """The process, and its session's group when it leads one (what it started goes with it)."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        if os.getsid(pid) == pid:
-            os.killpg(pid, sig)
-            return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
+def _leads_session(pid: int) -> bool:
+    try:
+        return os.getsid(pid) == pid
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 def stop_process(pid: int, grace: float = 10.0) -> bool:
     """SIGTERM a process, SIGKILL it after `grace`; True if it ran."""
     if not process_alive(pid):
         return False
-    started = _start_time(pid)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while _start_time(pid) == started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _start_time(pid) == started:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    _terminate([pid], grace)
     return True
 
 
@@ -364,7 +377,13 @@ def spawn_detached(argv: Sequence[str], log: Path, env: Mapping[str, str] | None
     return proc.pid
 
 
-def _last_line(path: Path) -> str:
+def unreachable_ancestor(path: Path) -> Path | None:
+    """The first directory above `path` that other users cannot traverse (the pods' users need to reach it)."""
+    return next((d for d in path.parents if d != Path("/") and not os.stat(d).st_mode & 0o001), None)
+
+
+def last_line(path: Path) -> str:
+    """The last non-empty line of a log file (its last 4 KiB read)."""
     try:
         with open(path, "rb") as f:
             f.seek(max(0, os.fstat(f.fileno()).st_size - 4096))
@@ -391,7 +410,10 @@ class PodRuntime(Protocol):
 
     def net(self, key: str) -> PodNet | None: ...
 
-    def create(self, key: str, ip: str, hosts: Mapping[str, str], *, init: InitSettings | None) -> PodNet: ...
+    def create(self, key: str, ip: str, hosts: Mapping[str, str], *, init: InitSettings | None,
+               uid: str = "") -> PodNet: ...
+
+    def uid_of(self, key: str) -> str | None: ...
 
     def write_hosts(self, key: str, hosts: Mapping[str, str]) -> None: ...
 
@@ -428,6 +450,7 @@ class FakePod:
     net: PodNet
     hosts: dict[str, str]
     init: InitSettings | None
+    uid: str = ""
 
 
 @dataclass
@@ -497,12 +520,13 @@ class FakeLocalPods:
     def net(self, key: str) -> PodNet | None:
         return self.network.nets.get(pod_dir_name(key))
 
-    def create(self, key: str, ip: str, hosts: Mapping[str, str], *, init: InitSettings | None) -> PodNet:
+    def create(self, key: str, ip: str, hosts: Mapping[str, str], *, init: InitSettings | None,
+               uid: str = "") -> PodNet:
         with self._lock:
             name = pod_dir_name(key)
             slot = self._pods.get(key)
             if slot is not None and str(slot.pod.net.ip) == ip:
-                slot.pod.hosts, slot.pod.init = dict(hosts), init
+                slot.pod.hosts, slot.pod.init, slot.pod.uid = dict(hosts), init, uid
                 return slot.pod.net
             address = ipaddress.IPv4Address(ip)
             if address not in self.network.subnet:
@@ -510,9 +534,13 @@ class FakeLocalPods:
             net = PodNet(name, f"{self.prefix}{name}", address, next(self.network.subnet.hosts()),
                          self.network.subnet.prefixlen, f"{self.prefix}h{len(self.created)}")
             self.network.nets[name] = net
-            self._pods[key] = _FakeSlot(FakePod(net, dict(hosts), init))  # at another address: made again
+            self._pods[key] = _FakeSlot(FakePod(net, dict(hosts), init, uid))  # at another address: made again
             self.created.append(key)
             return net
+
+    def uid_of(self, key: str) -> str | None:
+        slot = self._pods.get(key)
+        return slot.pod.uid if slot is not None else None
 
     def write_hosts(self, key: str, hosts: Mapping[str, str]) -> None:
         slot = self._pods.get(key)

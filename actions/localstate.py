@@ -176,10 +176,11 @@ def save_status(state_dir: Path, status: dict[str, Any]) -> None:
     _write_json(local_dir(state_dir) / STATUS_FILE, status)
 
 
-def desired_stamp(state_dir: Path) -> tuple[int, int] | None:
-    """Changes whenever mesh.json is replaced (its modification time and size); None when there is none."""
+def desired_stamp(state_dir: Path) -> tuple[int, int, int] | None:
+    """Changes whenever mesh.json is replaced (a new inode, as it is renamed into place; its time and size);
+    None when there is none."""
     try:
         info = os.stat(local_dir(state_dir) / DESIRED_FILE)
     except FileNotFoundError:
         return None
-    return info.st_mtime_ns, info.st_size
+    return info.st_ino, info.st_mtime_ns, info.st_size

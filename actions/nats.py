@@ -305,6 +305,29 @@ def _alive(pid: int) -> bool:
     return fields[0] != "Z"
 
 
+def stop_leftover(workdir: Path, timeout: float = 10.0) -> int | None:
+    """Stop the nats-server whose pid file is in `workdir`, if it still runs with this directory's configuration
+    (a pid reused by another process is left alone); returns its pid when it stopped one."""
+    try:
+        pid = int((workdir / PID_FILE).read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    if str(workdir / NatsServer.CONFIG).encode() not in cmdline:
+        return None
+    log.warning("stopping nats-server %d left running by an earlier control plane", pid)
+    try:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return pid
+
+
 class NatsServer:
     """A nats-server child process with TLS client certificates mapped to per-identity permissions.
 
@@ -453,23 +476,7 @@ class NatsServer:
     def _stop_orphan(self, timeout: float = 10.0) -> None:
         """A server left running by a control plane that was killed (SIGKILL gives no chance to stop it) still holds
         this directory's JetStream store: it is stopped before a new one starts on the same directory."""
-        try:
-            pid = int((self.workdir / PID_FILE).read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, ValueError):
-            return
-        if str(self.config_path).encode() not in cmdline:
-            return  # the pid was reused by another process
-        log.warning("stopping nats-server %d left running by an earlier control plane", pid)
-        try:
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            while _alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if _alive(pid):
-                os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        stop_leftover(self.workdir, timeout)
 
     def _write_config(self) -> None:
         text = render_config(port=self.port, monitor_port=self.monitor_port, workdir=self.workdir, cert=self.cert,

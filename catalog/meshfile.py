@@ -33,6 +33,7 @@ from typing import Any
 from catalog.check import check as check_world
 from catalog.check import warnings as world_warnings
 from catalog.fields import EMPTY, FrozenMap, Problem, Reader, describe, dns_label, dns_subdomain, join
+from catalog.inject import IGNORE_INCOMING_ANNOTATION, IGNORE_OUTGOING_ANNOTATION, InjectError, parse_ports
 from catalog.kube import AUTO_INJECT_LABEL, _port_name, _unique_ports
 from catalog.parse import read as read_manifest
 from catalog.policy import CircuitBreaker, HTTPRouteGroup, MeshConfig, RateLimit, TCPRoute, TrafficSplit, TrafficTarget
@@ -307,6 +308,11 @@ def _read_workload(r: Reader, where: str, item: object) -> tuple[list[LocalPod],
         # The runner starts a sidecar by `meshed`; a label saying otherwise would make the catalog disagree.
         r.add(join(join(where, "labels"), AUTO_INJECT_LABEL), "set meshed: true or false instead of this label")
     annotations = r.string_map(w, "annotations", where)
+    for annotation in (IGNORE_INCOMING_ANNOTATION, IGNORE_OUTGOING_ANNOTATION):  # the init rules take them as is
+        try:
+            parse_ports(annotations.get(annotation, ""))
+        except InjectError as exc:
+            r.add(join(join(where, "annotations"), annotation), exc.message)
     command = tuple(r.as_string(value, cwhere) for cwhere, value in r.elements(w, "command", where, nonempty=True))
     env = r.string_map(w, "env", where)
     for key in env:
@@ -526,8 +532,8 @@ def check(spec: MeshSpec) -> None:
     for p in (*check_world(world), *world_warnings(world)):
         document, where, name = origin.get(p.resource, (spec.document, _root, ""))
         problems.append(Located(document, where(p.field), p.message, name))
-    if problems:
-        raise MeshfileError(problems)
+    if problems:  # a pod's problem is its workload's: said once, not once per replica
+        raise MeshfileError(list(dict.fromkeys(problems)))
 
 
 def _same(field: str) -> str:

@@ -64,11 +64,12 @@ from actions.localstate import (
 )
 from actions.netns import HostNetwork
 from actions.nodeagent import endpoint_socket
-from catalog.inject import IGNORE_INCOMING_ANNOTATION, parse_ports
+from catalog.inject import IGNORE_INCOMING_ANNOTATION, IGNORE_OUTGOING_ANNOTATION, parse_ports
 from engine import world
 from engine.core import Engine
 from engine.plane import ControlPlane, PlaneConfig
 from machines import BadPayload, IllegalTrigger
+from machines import pod as pod_machine
 from store import Store
 
 log = logging.getLogger("meshloom.local")
@@ -77,9 +78,9 @@ NODE = "local"
 RECONCILE_EVERY = 0.25  # seconds: a probe of the pods still starting and a look at /proc for the others
 BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0  # seconds before a process that died is started again
 DRAIN_SECONDS = 2.0  # a sidecar stopped by `down` drains this long
-IGNORE_OUTGOING_ANNOTATION = "config.nsm.nginx.com/ignore-outgoing-ports"
-LIVE = ("admitted", "injected", "scheduled", "identity-requested", "identity-issued", "sidecar-connected",
-        "config-synced", "ready")
+LIVE = tuple(s.value for s in pod_machine.LIVE)
+BACKOFF_RESET = 600.0  # seconds a process must run before its next death starts the backoff over (as a kubelet)
+WORKERS = 8  # effect workers: injections and teardowns wait on ip, iptables and processes, not on the CPU
 
 
 # ---- the world of the mesh
@@ -114,6 +115,7 @@ class _Proc:
     not_before: float = 0.0
     backoff: float = BACKOFF_FIRST
     last_exit: str = ""
+    started_at: float = 0.0
 
 
 @dataclass
@@ -144,8 +146,8 @@ class LocalPlatform:
         self.agent: Workloads | None = None
         self.nats_url: Callable[[], str] = lambda: ""
         self._desired = Desired()
-        self._desired_stamp: tuple[int, int] | None = None
-        self._hosts_stamp: tuple[int, int] | None = None
+        self._desired_stamp: tuple[int, int, int] | None = None
+        self._hosts_stamp: tuple[int, int, int] | None = None
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._watch: dict[str, _PodWatch] = {}
@@ -171,11 +173,17 @@ class LocalPlatform:
     # ---- the pod machine's effects
     def inject(self, pod: str) -> None:
         """The pod's namespace, init rules, socket, workload and sidecar (each kept if already there)."""
-        wanted = self._pod(pod)
-        if wanted is None:
-            raise ActionError(f"pod {pod}: not in the mesh manifest any more")
         with self._lock(pod):
-            self._ensure(wanted, sidecar=True)
+            wanted = self._pod(pod)  # read under the lock: a teardown that held it may have been for a removal
+            if wanted is None:
+                raise ActionError(f"pod {pod}: not in the mesh manifest any more")
+            assert self.engine is not None, "bind() first"
+            row = self.engine.store.get("pod", pod)
+            if row is not None and row.state != "admitted":
+                return  # a late run of the effect (the pod was reset, terminated, or injected already)
+            # Everything again, even for a namespace that exists: a control plane killed halfway through an
+            # injection left it without its rules or directory, and `create` is idempotent.
+            self._ensure(wanted, sidecar=True, finish=True)
 
     def teardown(self, pod: str) -> None:
         with self._lock(pod):
@@ -199,15 +207,20 @@ class LocalPlatform:
         for pod in desired.pods:
             row = rows.get(pod.key)
             state = row.state if row is not None else None
+            lock = self._lock(pod.key)
+            if not lock.acquire(blocking=False):  # its injection or teardown runs: the next pass looks again
+                status[pod.key] = self._status(pod, state, row.data if row is not None else {})
+                continue
             try:
-                with self._lock(pod.key):
-                    self._step(pod, state, row.data if row is not None else {})
+                self._step(pod, state, row.data if row is not None else {})
             except ActionError as exc:
                 self._watch.setdefault(pod.key, _PodWatch()).problem = str(exc)
                 log.warning("pod %s: %s", pod.key, exc)
             except Exception as exc:  # one pod's trouble must not stop the others' pass
                 self._watch.setdefault(pod.key, _PodWatch()).problem = f"{type(exc).__name__}: {exc}"
                 log.exception("pod %s: reconciling failed", pod.key)
+            finally:
+                lock.release()
             status[pod.key] = self._status(pod, state, row.data if row is not None else {})
         for key, row in rows.items():
             if key not in wanted and row.state in (*LIVE, "failed"):
@@ -221,7 +234,11 @@ class LocalPlatform:
 
     def _step(self, pod: DesiredPod, state: str | None, data: Mapping[str, Any]) -> None:
         if not pod.meshed:
-            self._ensure(pod, sidecar=False)
+            if state in (*LIVE, "failed"):  # it was meshed: that pod's life ends first, a new one replaces it
+                self._fire(pod.key, "terminate", {"reason": "its entry in the mesh manifest changed: a new pod "
+                                                            "replaces it"})
+            elif state != "terminating":
+                self._ensure(pod, sidecar=False)
             return
         if state in (None, "gone"):
             self._fire(pod.key, "admit", {"namespace": pod.namespace, "name": pod.name, "uid": pod.uid,
@@ -246,13 +263,20 @@ class LocalPlatform:
         """Ready as Kubernetes means it: every container, the workload too (listening on its ports)."""
         return not pod.command or self.pods.listening(pod.key, pod.ports)
 
-    def _ensure(self, pod: DesiredPod, *, sidecar: bool) -> None:
+    def _ensure(self, pod: DesiredPod, *, sidecar: bool, finish: bool = False) -> None:
+        """The pod's namespace (made, or finished when `finish` or when it was not made for this incarnation),
+        its socket and its processes."""
         assert self.agent is not None, "bind() first"
         watch = self._watch.setdefault(pod.key, _PodWatch())
         net = self.pods.net(pod.key)
-        if net is None or str(net.ip) != pod.ip:
+        made_for = self.pods.uid_of(pod.key)
+        if not pod.meshed and net is not None and made_for not in (None, pod.uid):
+            self.pods.remove(pod.key)  # a pod outside the mesh whose entry changed: a new one replaces it
+            self._watch[pod.key] = watch = _PodWatch()
+            net = None
+        if finish or net is None or str(net.ip) != pod.ip or made_for != pod.uid:
             self.pods.create(pod.key, pod.ip, self.desired().hosts(pod.namespace),
-                             init=_init_settings(pod) if pod.meshed else None)
+                             init=_init_settings(pod) if pod.meshed else None, uid=pod.uid)
         socket = self.agent.add_workload(pod.key, uid=SIDECAR_UID) if sidecar else None
         watch.problem = ""
         if pod.command:
@@ -266,10 +290,12 @@ class LocalPlatform:
             self._keep_running(pod, "sidecar", PodProcess(argv, SIDECAR_UID, (("HOME", "/"),)), watch)
 
     def _keep_running(self, pod: DesiredPod, role: str, process: PodProcess, watch: _PodWatch) -> None:
-        if self.pods.running(pod.key, role) is not None:
-            return
         proc = watch.procs[role]
         now = self._monotonic()
+        if self.pods.running(pod.key, role) is not None:
+            if proc.backoff > BACKOFF_FIRST and now - proc.started_at > BACKOFF_RESET:
+                proc.backoff = BACKOFF_FIRST  # it has run long enough: its next death is not a crash loop's
+            return
         if self.pods.started_before(pod.key, role):
             ended = self.pods.exited(pod.key, role)
             how = f"exited with {ended.code}" if ended.code is not None else "is not running"
@@ -283,6 +309,7 @@ class LocalPlatform:
             proc.not_before = now + proc.backoff
             proc.backoff = min(proc.backoff * 2, BACKOFF_MAX)
         self.pods.start(pod.key, role, process)
+        proc.started_at = now
 
     def _status(self, pod: DesiredPod, state: str | None, data: Mapping[str, Any]) -> dict[str, Any]:
         watch = self._watch.get(pod.key, _PodWatch())
@@ -323,7 +350,7 @@ class LocalHost:
         self.platform = LocalPlatform(self.pods, state_dir, meshctl)
         self.plane = ControlPlane(store, PlaneConfig(
             state_dir, ca, tick_seconds=tick_seconds, nats_host=str(net.gateway), nats_port=net.nats_port,
-            agent_dir=net.runtime_dir / "agent"), platform=self.platform)
+            agent_dir=net.runtime_dir / "agent", workers=WORKERS), platform=self.platform)
         plane = self.plane
         self.platform.bind(plane.engine, plane.agent, lambda: plane.nats.url if plane.nats is not None else "")
 

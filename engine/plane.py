@@ -35,7 +35,7 @@ from actions.vault import FileVault
 from engine import world
 from engine.core import Engine
 from engine.executor import SERVING, bundled_generations, publish_shards
-from engine.runtime import Runner, ensure_ca
+from engine.runtime import DEFAULT_WORKERS, Runner, ensure_ca
 from machines import BadPayload, IllegalTrigger
 from store import Store
 
@@ -56,6 +56,7 @@ class PlaneConfig:
     nats_port: int = 0  # 0: any free port (one host); Kubernetes: 4222, behind the Service sidecars dial
     nats_names: tuple[str, ...] = ()  # DNS names the server's certificate carries besides `localhost`
     agent_dir: Path | None = None  # the Workload API sockets; default <state_dir>/agent (pods on one host: /run)
+    workers: int = DEFAULT_WORKERS  # threads running effects
 
 
 class _Delivery:
@@ -96,7 +97,7 @@ class ControlPlane:
         settings = {"trust_domain": self.trust_domain, "svid_ttl": config.ca.svid_ttl, "ca_ttl": config.ca.ca_ttl,
                     **config.engine_settings}
         self.engine = Engine(store, self.actions, self.clock, settings=settings)
-        self.runner = Runner(self.engine, tick_seconds=config.tick_seconds)
+        self.runner = Runner(self.engine, tick_seconds=config.tick_seconds, workers=config.workers)
         self._world_revision = -1
         self.recovered = 0
         self._running = False

@@ -10,6 +10,8 @@ from machines import spec_for
 from meshctl.problems import UsageProblem
 from store import Store, redact, sqlite_url
 
+LOCK_FILE = "control-plane.lock"  # in the state directory: held by the control plane running on it, with its pid
+
 
 def default_state_dir() -> Path:
     env = os.environ.get("MESHLOOM_STATE_DIR")

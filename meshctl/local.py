@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import getpass
+import ipaddress
 import json
 import os
 import shutil
@@ -28,19 +29,29 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from actions import localstate
 from actions.clock import SystemClock
 from actions.errors import HostUnsupported, PermanentError
-from actions.localpods import LocalPods, process_alive, spawn_detached, stop_process
+from actions.localpods import (
+    LocalPods,
+    last_line,
+    process_alive,
+    spawn_detached,
+    stop_process,
+    unreachable_ancestor,
+)
+from actions.nats import stop_leftover
 from actions.netns import HostNetwork, check_host
 from catalog import meshfile as model
+from catalog.meshfile import MeshfileError
 from engine import local, views
 from meshctl import meshfile
-from meshctl.context import Paths
-from store import Store, migrate
+from meshctl.context import LOCK_FILE, Paths
+from store import Entity, Store, migrate
 
 # A terminal's own width; piped into a file or a CI log, wide enough for the demo's table on one line per edge.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
 CONTROL_PLANE_LOG = "control-plane.log"
-LOCK_FILE = "control-plane.lock"
-DOWN_WAIT = 30.0  # seconds `down` gives the pods' machines to reach `gone` before it sweeps regardless
+DOWN_WAIT = 30.0  # seconds `down` gives the pods' machines to reach `gone` before it sweeps regardless ...
+DOWN_WAIT_PER_POD = 1.0  # ... and this much more per pod (a sidecar drains for 2 s; teardowns run 8 at a time)
+MIN_PREFIXLEN = 28  # a /28 at the least: its lower half leaves the gateway and six pods
 
 
 class MeshProblem(Exception):
@@ -62,7 +73,7 @@ def meshctl_path() -> Path:
 def _check_reachable(path: Path) -> None:
     """The sidecars (uid 2102) and workloads (uid 65534) run the venv's python and meshctl: every directory above
     them must be traversable by other users (a checkout under /root is not)."""
-    blocked = next((d for d in path.parents if d != Path("/") and not os.stat(d).st_mode & 0o001), None)
+    blocked = unreachable_ancestor(path)
     if blocked is not None:
         raise HostProblem(f"{path} is not reachable by the pods' users (uid 2102 and 65534): {blocked} is not "
                           f"traversable by others; install Meshloom under a directory they can reach or "
@@ -112,9 +123,15 @@ def _network(state_dir: Path, subnet: str | None, prefix: str | None) -> localst
         return saved
     net = localstate.LocalNetwork(prefix or localstate.DEFAULT_PREFIX, subnet or localstate.DEFAULT_SUBNET)
     try:
-        HostNetwork(net.prefix, net.subnet)  # checks the prefix and the subnet's size
+        network = ipaddress.IPv4Network(net.subnet)
+    except ValueError as exc:
+        raise HostProblem(f"--subnet {net.subnet}: not an IPv4 network such as 10.213.0.0/16 ({exc})") from None
+    if network.prefixlen > MIN_PREFIXLEN:
+        raise HostProblem(f"--subnet {net.subnet}: too small; a /{MIN_PREFIXLEN} at the least")
+    try:
+        HostNetwork(net.prefix, net.subnet)  # checks the prefix
     except PermanentError as exc:
-        raise HostProblem(str(exc)) from None
+        raise HostProblem(f"--prefix {net.prefix}: {exc}") from None
     return net
 
 
@@ -132,6 +149,10 @@ def up(paths: Paths, source: str, *, subnet: str | None, prefix: str | None, tim
     spec = meshfile.read(source)  # the manifest first: a broken one is refused before anything starts
     check_host_for_pods()
     paths.ensure_state_dir()
+    running = control_plane_pid(paths.state_dir)
+    if running is not None and localstate.load_network(paths.state_dir) is None:
+        raise HostProblem(f"a control plane without pods on this host already runs on {paths.state_dir} (pid "
+                          f"{running}): stop it, then 'meshctl up -f' starts one with them")
     net = _network(paths.state_dir, subnet, prefix)
     migrate.upgrade(paths.url)
     store = Store(paths.url)
@@ -140,7 +161,13 @@ def up(paths: Paths, source: str, *, subnet: str | None, prefix: str | None, tim
         pod_range, service_range = net.ranges()
         # The gateway is the pod range's first address: pods take the next ones.
         taken = {**local.stored_addresses(store), "gateway": str(net.gateway)}
-        addresses = model.allocate(spec, pod_range, service_range, taken)
+        for row in store.list("pod"):  # a pod still terminating keeps its address until it is gone
+            if row.state != "gone" and row.data.get("ip"):
+                taken.setdefault(f"pod/{row.key}", str(row.data["ip"]))
+        try:
+            addresses = model.allocate(spec, pod_range, service_range, taken)
+        except MeshfileError as exc:
+            raise meshfile.ManifestProblems([f"{source}: {p}" for p in exc.problems]) from None
         manifests = model.render(spec, addresses)
         refs = local.store_world(store, manifests, previous, actor=f"cli:{getpass.getuser()}",
                                  now=SystemClock().now())
@@ -153,17 +180,18 @@ def up(paths: Paths, source: str, *, subnet: str | None, prefix: str | None, tim
         spawned: int | None = None
         if control_plane_pid(paths.state_dir) is None:
             log = paths.state_dir / "logs" / CONTROL_PLANE_LOG
-            spawned = spawn_detached([str(meshctl_path()), "up", "--state-dir", str(paths.state_dir), *plane_args],
-                                     log)
+            spawned = spawn_detached([str(meshctl_path()), "up", "--state-dir", str(paths.state_dir.absolute()),
+                                      *plane_args], log)
         _follow(paths.state_dir, store, desired, timeout, spawned=spawned, quiet=quiet)
         return UpResult(len(desired.pods), time.monotonic() - begun, spawned is not None)
     finally:
         store.close()
 
 
-def _ready(pod: localstate.DesiredPod, state: str | None, status: dict[str, object]) -> bool:
+def _ready(pod: localstate.DesiredPod, row: Entity | None, status: dict[str, object]) -> bool:
+    """Ready, and this incarnation: the pod an earlier manifest described may still be ready, about to go."""
     if pod.meshed:
-        return state == "ready"
+        return row is not None and row.state == "ready" and row.data.get("uid") == pod.uid
     return status.get("ready") is True
 
 
@@ -178,9 +206,9 @@ def _follow(state_dir: Path, store: Store, desired: localstate.Desired, timeout:
         task = progress.add_task("pods ready", total=total)
         while True:
             rows = {v.pod: v for v in views.pods(store, SystemClock().now())}
+            entities = {e.key: e for e in store.list("pod")}
             status = localstate.load_status(state_dir)
-            ready = [p for p in desired.pods
-                     if _ready(p, rows[p.key].state if p.key in rows else None, status.get(p.key) or {})]
+            ready = [p for p in desired.pods if _ready(p, entities.get(p.key), status.get(p.key) or {})]
             behind = [p for p in desired.pods if p not in ready]
             lagging = min(behind, key=lambda p: _rank(rows.get(p.key)), default=None)
             shown = f"pods ready; {lagging.key} {rows[lagging.key].state}" if lagging and lagging.key in rows \
@@ -194,19 +222,15 @@ def _follow(state_dir: Path, store: Store, desired: localstate.Desired, timeout:
             if failed:
                 raise MeshProblem([_why(p, rows, status) for p in failed])
             if not (process_alive(spawned) if spawned is not None else control_plane_pid(state_dir) is not None):
-                tail = _tail(state_dir / "logs" / CONTROL_PLANE_LOG)
+                tail = last_line(state_dir / "logs" / CONTROL_PLANE_LOG)
                 raise MeshProblem([f"the control plane exited: {tail or 'see ' + CONTROL_PLANE_LOG}"])
             if time.monotonic() > deadline:
                 raise MeshProblem([_why(p, rows, status) for p in behind])
             time.sleep(0.25)
 
 
-_ORDER = ("admitted", "injected", "scheduled", "identity-requested", "identity-issued", "sidecar-connected",
-          "config-synced", "ready")
-
-
 def _rank(view: views.PodView | None) -> int:
-    return _ORDER.index(view.state) if view is not None and view.state in _ORDER else -1
+    return local.LIVE.index(view.state) if view is not None and view.state in local.LIVE else -1
 
 
 def _why(pod: localstate.DesiredPod, rows: dict[str, views.PodView], status: dict[str, dict[str, object]]) -> str:
@@ -229,14 +253,6 @@ def _why(pod: localstate.DesiredPod, rows: dict[str, views.PodView], status: dic
     return f"pod {pod.key}: {where}{'; ' + problem if problem else ''}"
 
 
-def _tail(path: Path) -> str:
-    try:
-        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        return ""
-    return lines[-1] if lines else ""
-
-
 def down(paths: Paths, *, purge: bool, quiet: bool = False) -> list[str]:
     """See the module's docstring; returns what it did, a line each."""
     done: list[str] = []
@@ -247,19 +263,23 @@ def down(paths: Paths, *, purge: bool, quiet: bool = False) -> list[str]:
     check_host_for_pods()
     pid = control_plane_pid(state_dir)
     previous = localstate.load_desired(state_dir)
-    if pid is not None and net is not None and previous.pods:
+    store = Store(paths.url) if (state_dir / "meshloom.db").exists() or not paths.url.startswith("sqlite") else None
+    if pid is not None and net is not None and previous.pods and store is not None:
         # While the control plane runs, each pod's life ends through its machine (terminating, then gone: the
         # journal shows it), and the mesh's world is taken out, before anything is swept.
         localstate.save_desired(state_dir, localstate.Desired(previous.mesh, (), previous.services, previous.resources))
-        store = Store(paths.url)
+        keys = {p.key for p in previous.pods if p.meshed}
+        deadline = time.monotonic() + DOWN_WAIT + DOWN_WAIT_PER_POD * len(keys)
+        left = keys
+        while left and time.monotonic() < deadline:
+            time.sleep(0.2)
+            left = {r.key for r in store.list("pod") if r.key in keys and r.state != "gone"}
+        done.append(f"ended the life of {len(keys) - len(left)} pod(s) through their machines"
+                    + (f"; {len(left)} still terminating were swept" if left else ""))
+    if store is not None:
         try:
-            keys = {p.key for p in previous.pods if p.meshed}
-            deadline = time.monotonic() + DOWN_WAIT
-            while time.monotonic() < deadline and any(
-                    r.key in keys and r.state != "gone" for r in store.list("pod")):
-                time.sleep(0.2)
-            done.append(f"ended the life of {len(keys)} pod(s) through their machines")
-            local.store_world(store, [], previous, actor=f"cli:{getpass.getuser()}", now=SystemClock().now())
+            if previous.resources:  # the mesh's world goes too, control plane or not (database work only)
+                local.store_world(store, [], previous, actor=f"cli:{getpass.getuser()}", now=SystemClock().now())
         finally:
             store.close()
     if pid is not None and pid > 0 and stop_process(pid):
@@ -269,11 +289,8 @@ def down(paths: Paths, *, purge: bool, quiet: bool = False) -> list[str]:
         pods.sweep()
         done.append(f"removed the pods' namespaces, veths, bridge {net.prefix}br and {net.runtime_dir}")
         localstate.save_desired(state_dir, localstate.Desired())
-    nats_pid = state_dir / "nats" / "nats-server.pid"
-    if nats_pid.exists():
-        text = nats_pid.read_text().strip()
-        if text.isdigit() and process_alive(int(text)) and stop_process(int(text)):
-            done.append(f"stopped NATS (pid {text})")
+    if (stopped := stop_leftover(state_dir.absolute() / "nats")) is not None:
+        done.append(f"stopped NATS (pid {stopped})")
     if purge:
         shutil.rmtree(state_dir, ignore_errors=True)
         done.append(f"removed the state directory {state_dir}")
@@ -335,9 +352,14 @@ def demo(paths: Paths, *, subnet: str | None, prefix: str | None, timeout: float
     stop = threading.Event()
     batch = 20  # requests, one every 50 ms: a second of traffic per batch
 
+    trouble: list[BaseException] = []
+
     def keep_calling() -> None:
-        while not stop.is_set():
-            results.extend(send("client -> frontend", batch, interval=0.05))
+        try:
+            while not stop.is_set():
+                results.extend(send("client -> frontend", batch, interval=0.05))
+        except BaseException as exc:  # said after the rotation: the traffic must not stop unnoticed
+            trouble.append(exc)
 
     def wait_for(n: int) -> None:
         deadline = time.monotonic() + 60
@@ -353,6 +375,8 @@ def demo(paths: Paths, *, subnet: str | None, prefix: str | None, timeout: float
     finally:
         stop.set()
         caller.join(timeout=60)
+    if trouble:
+        raise trouble[0]
     failed = sum(1 for r in results if r.get("status") != 200)
     console.print(f"  CA generation {rotation.old} -> {rotation.new} in {rotation.seconds:.1f}s: "
                   f"{rotation.certificates} SVIDs re-issued and picked up by their sidecars without a restart")

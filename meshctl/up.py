@@ -25,7 +25,7 @@ from actions.errors import ActionError
 from engine import local
 from engine.plane import ControlPlane, PlaneConfig
 from meshctl import logs
-from meshctl.context import Paths
+from meshctl.context import LOCK_FILE, Paths
 from meshctl.errors import BUSY, REFUSED
 from store import Store, migrate
 
@@ -38,7 +38,7 @@ class AlreadyRunning(Exception):
 
 def _lock(state_dir: Path) -> int:
     """One control plane per state directory: a second `up` is refused instead of racing the first."""
-    path = state_dir / "control-plane.lock"
+    path = state_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -102,7 +102,7 @@ def run(paths: Paths, ca: CaSettings, *, tick_seconds: float, run_for: float | N
                 plane.start()
         except ActionError as exc:  # the host cannot run the mesh's pods: no privilege, a subnet taken, ...
             plane.stop()
-            console.print(f"meshctl: {exc}", style="red")
+            print(f"meshctl: {exc}", file=sys.stderr)  # one line, unwrapped: `up -f` shows it from the log
             raise SystemExit(REFUSED) from None
         try:
             active = plane.ca.active or "-"

@@ -379,14 +379,25 @@ def test_a_traffic_split_naming_an_unknown_service_is_located_in_its_policy_docu
     assert found.message.startswith("Service demo/backend-v9 does not exist")
 
 
-def test_a_problem_of_a_rendered_pod_is_located_at_its_workload() -> None:
+def test_a_problem_of_a_rendered_pod_is_located_at_its_workload_once_for_all_its_replicas() -> None:
     mesh = _mesh()
     mesh["spec"]["workloads"][0]["annotations"] = {"config.nsm.nginx.com/mtls-mode": "sometimes"}
+    mesh["spec"]["workloads"][0]["replicas"] = 3
     spec = read([mesh])
     with pytest.raises(MeshfileError) as caught:
         check(spec)
-    paths = {(p.document, p.path, p.resource) for p in caught.value.problems}
-    assert paths == {(0, 'spec.workloads[0].annotations["config.nsm.nginx.com/mtls-mode"]', "workload demo/frontend")}
+    paths = [(p.document, p.path, p.resource) for p in caught.value.problems]
+    assert paths == [(0, 'spec.workloads[0].annotations["config.nsm.nginx.com/mtls-mode"]', "workload demo/frontend")]
+
+
+def test_ignored_ports_the_init_rules_cannot_take_are_refused_at_their_annotation() -> None:
+    mesh = _mesh()
+    mesh["spec"]["workloads"][0]["annotations"] = {"config.nsm.nginx.com/ignore-incoming-ports": "abc,99999",
+                                                   "config.nsm.nginx.com/ignore-outgoing-ports": "6379, 5432"}
+    found = _problems([mesh])
+    assert [(p.path, p.message) for p in found] == [
+        ('spec.workloads[0].annotations["config.nsm.nginx.com/ignore-incoming-ports"]',
+         "must be port numbers (1-65535) separated by commas, got 'abc,99999'")]
 
 
 def test_two_splits_of_one_service_are_located_in_both_documents() -> None:

@@ -268,6 +268,49 @@ def test_a_pod_whose_manifest_entry_changes_is_replaced_by_a_new_incarnation(hos
     assert app is not None and app.pid != first.pid and "--upstream" in app.process.argv
 
 
+def test_a_pod_outside_the_mesh_whose_entry_changes_is_made_again_with_it(host: Host) -> None:
+    host.want(meshed(meshed=False))
+    host.settle()
+    first = host.pods.process(WEB, "app")
+    assert first is not None
+
+    host.want(meshed(meshed=False, env=(("GREETING", "hello"),)))
+    host.settle()
+
+    app = host.pods.process(WEB, "app")
+    assert app is not None and app.pid != first.pid and app.env["GREETING"] == "hello"
+    assert WEB in host.pods.removed
+
+
+def test_a_meshed_pod_taken_out_of_the_mesh_ends_its_life_and_comes_back_without_a_sidecar(host: Host) -> None:
+    host.want(meshed())
+    host.settle()
+    host.settle()
+
+    host.want(meshed(meshed=False))
+    host.settle()  # terminate, torn down
+    host.settle()  # the pod outside the mesh
+
+    assert host.state(WEB) == "gone"
+    made = host.pods.pod(WEB)
+    assert made is not None and made.init is None
+    assert host.pods.running(WEB, "sidecar") is None and host.pods.running(WEB, "app") is not None
+
+
+def test_an_injection_a_killed_control_plane_left_half_done_is_finished(host: Host) -> None:
+    host.want(meshed())
+    host.settle()
+    made = host.pods.pod(WEB)
+    assert made is not None
+    made.init, made.uid = None, ""  # the namespace was made, the rules and the pod's record were not
+
+    host.settle()  # scheduled
+    host.settle()  # the pass that keeps it finds its record missing
+
+    made = host.pods.pod(WEB)
+    assert made is not None and made.init is not None and made.uid == meshed().uid
+
+
 def test_a_service_added_to_the_manifest_gets_its_name_in_every_running_pod(host: Host) -> None:
     host.want(meshed(), services=(("shop/web", "10.213.128.5"),))
     host.settle()
