@@ -20,10 +20,11 @@ change of the world and one recomputation of the documents, while a lone change 
    A batch that cannot be written (the database away) is kept and merged into the next one.
 
 2. **The pods.** For each meshed pod (the injector's marker) the wiring keeps a few facts -- service account,
-   labels, node, IP, Ready, deletion requested -- not the pod object. Which trigger a pod's machine gets is a pure
-   function of its state and those facts (`pod_trigger`, table below), so an event that arrives before the machine
-   can take it (Ready before the first configuration was acknowledged) is not lost: such pods wait in a set that is
-   looked at again every second, and every pod is reconciled after each snapshot of pods and every minute.
+   labels, node, IP, Ready, its sidecar container started, deletion requested -- not the pod object. Which trigger a
+   pod's machine gets is a pure function of its state and those facts (`pod_trigger`, table below), so an event
+   that arrives before the machine can take it (Ready before the first configuration was acknowledged) is not lost:
+   such pods wait in a set that is looked at again every second, and every pod is reconciled after each snapshot of
+   pods and every minute.
 
 Only the leader runs a wiring: the controller makes a new one, with empty facts, each time it starts leading, and
 the reflectors' first snapshots fill it.
@@ -41,6 +42,7 @@ from typing import Any
 
 import catalog
 from actions.kube import EventType, WatchEvent, carries_sidecar, meta
+from catalog.inject import SIDECAR_NAME
 from catalog.parse import read as read_manifest
 from engine import world
 from engine.core import Engine
@@ -77,6 +79,7 @@ class PodFacts:
     ready: bool
     deleting: bool
     uid: str = ""  # metadata.uid: tells a pod created again under the same name from the one before it
+    sidecar_started: bool = False  # the kubelet reports the sidecar container started
 
 
 def pod_facts(obj: Mapping[str, Any]) -> PodFacts | None:
@@ -99,7 +102,18 @@ def pod_facts(obj: Mapping[str, Any]) -> PodFacts | None:
         ready=ready,
         deleting=bool(m.get("deletionTimestamp")),
         uid=str(m.get("uid") or ""),
+        sidecar_started=sidecar_started(status),
     )
+
+
+def sidecar_started(status: Mapping[str, Any]) -> bool:
+    """Whether the pod's status says its sidecar container started (`started`, or a `running` state where the
+    kubelet predates the field)."""
+    for c in status.get("containerStatuses") or ():
+        if isinstance(c, Mapping) and c.get("name") == SIDECAR_NAME:
+            state = c.get("state")
+            return c.get("started") is True or isinstance(state, Mapping) and "running" in state
+    return False
 
 
 Trigger = tuple[str, dict[str, Any]]
@@ -115,6 +129,7 @@ def pod_trigger(key: str, state: str | None, facts: PodFacts | None, admitted_ui
         any live state, or failed     | a pod of another uid than the    | terminate
                                       |  one admitted                    |
         injected                      | placed: node and IP              | schedule (node, ip)
+        identity-issued               | its sidecar container started    | sidecar_connected
         config-synced                 | Ready condition True             | ready
         any live state, or failed     | deletion requested, or pod gone  | terminate
         terminating                   | pod gone                         | gone
@@ -122,6 +137,9 @@ def pod_trigger(key: str, state: str | None, facts: PodFacts | None, admitted_ui
                                       |                                  |  the pod has nothing more to do)
 
     `injected` is not the platform's to say: it is the outcome of the InjectSidecar effect (`KubePlatform.inject`).
+    `sidecar_connected` is the sidecar container's start, not its first connection to NATS: the sidecar's NATS
+    permissions come with its first document, which the transition publishes, so waiting for the connection would
+    wait for itself.
     A meshed pod whose machine is `gone` was created again under the same name (a StatefulSet's pod): it is
     admitted again, and its life starts over. So is one whose DELETED and new ADDED came in one batch (or which a
     new leader's first list shows already re-created): `admitted_uid`, the uid the machine was admitted with, differs
@@ -149,6 +167,8 @@ def pod_trigger(key: str, state: str | None, facts: PodFacts | None, admitted_ui
         return ("admit", payload)
     if state == "injected" and facts.node and facts.ip:
         return ("schedule", {"node": facts.node, "ip": facts.ip})
+    if state == "identity-issued" and facts.sidecar_started:
+        return ("sidecar_connected", {})
     if state == "config-synced" and facts.ready:
         return ("ready", {})
     return None
@@ -165,6 +185,8 @@ def ahead_of_machine(state: str | None, facts: PodFacts | None) -> bool:
         return True
     if state == "admitted":
         return bool(facts.node and facts.ip)
+    if state in ("scheduled", "identity-requested") and facts.sidecar_started:
+        return True  # the sidecar started before its certificate was issued: it is connected once it is
     return state in WAITING_FOR_PLATFORM_NEWS and facts.ready
 
 
@@ -190,6 +212,8 @@ def trim(obj: dict[str, Any]) -> dict[str, Any]:
     ready = [c for c in status.get("conditions") or () if isinstance(c, Mapping) and c.get("type") == "Ready"]
     if ready:
         small_status["conditions"] = [{"type": "Ready", "status": ready[0].get("status")}]
+    if sidecar_started(status):
+        small_status["containerStatuses"] = [{"name": SIDECAR_NAME, "started": True}]
     return {"apiVersion": obj.get("apiVersion", "v1"), "kind": "Pod", "metadata": small_meta, "spec": small_spec,
             "status": small_status}
 

@@ -10,7 +10,7 @@ walks one path, each step waiting for one fact:
       --config_synced--> config-synced --ready--> ready --terminate--> terminating --gone--> gone
 
 so the state alone says what a pod that is not ready is still missing: its certificate (identity-requested), its
-sidecar's connection (identity-issued), its first configuration (sidecar-connected) or its proxy (config-synced).
+sidecar's start (identity-issued), its first configuration (sidecar-connected) or its proxy (config-synced).
 The steps the mesh itself drives (everything from admission to config-synced, except waiting for the platform to
 schedule the pod) carry a deadline; a tick after it moves the pod to `failed` with `step-timed-out`, so no pod stays
 stuck unnoticed. `failed` keeps the reason; `reset` starts the pod over, `terminate` takes it out.
@@ -74,7 +74,7 @@ REASONS: dict[str, str] = {
     PodReason.IDENTITY_REQUESTED: "certificate requested from the mesh CA",
     PodReason.IDENTITY_ISSUED: "certificate issued",
     PodReason.IDENTITY_ALREADY_ISSUED: "its certificate was already issued (the pod was started over)",
-    PodReason.SIDECAR_CONNECTED: "sidecar connected to the control plane",
+    PodReason.SIDECAR_CONNECTED: "sidecar started (the platform saw it run)",
     PodReason.CONFIG_SYNCED: "sidecar acknowledged its first configuration",
     PodReason.READY: "proxy up: certificate, configuration and proxy all present",
     PodReason.TERMINATING: "termination started",
@@ -91,7 +91,7 @@ WAITING_FOR = {
     PodState.injected: "the platform to schedule it",
     PodState.scheduled: "its certificate request",
     PodState.identity_requested: "its certificate",
-    PodState.identity_issued: "its sidecar to connect",
+    PodState.identity_issued: "its sidecar to start",
     PodState.sidecar_connected: "its first configuration to be acknowledged",
     PodState.config_synced: "its proxy and its workload to be ready",
     PodState.ready: "",

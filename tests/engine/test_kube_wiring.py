@@ -63,7 +63,7 @@ def rig(sqlite_url: str) -> Iterator[Rig]:
 
 
 def meshed_pod(name: str = "web-1", ns: str = "shop", *, node: str = "", ip: str = "", ready: bool | None = None,
-               deleting: bool = False, account: str = "web", uid: str = "") -> dict[str, Any]:
+               deleting: bool = False, account: str = "web", uid: str = "", sidecar: bool = False) -> dict[str, Any]:
     doc = t.pod(ns, name, {"app": "web", "meshloom.io/injected": "true"}, account, ip or None, t.HTTP_8080)
     if uid:
         doc["metadata"]["uid"] = uid
@@ -77,6 +77,11 @@ def meshed_pod(name: str = "web-1", ns: str = "shop", *, node: str = "", ip: str
             {"type": "Initialized", "status": "True"}, {"type": "Ready", "status": "True" if ready else "False"}]
     if deleting:
         doc["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    if sidecar:  # as a kubelet reports a started container
+        doc.setdefault("status", {})["containerStatuses"] = [
+            {"name": "app", "ready": False, "started": False, "state": {"waiting": {"reason": "ContainerCreating"}}},
+            {"name": "meshloom-sidecar", "ready": False, "started": True, "restartCount": 0,
+             "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}}}]
     return doc
 
 
@@ -277,6 +282,7 @@ FACTS = PodFacts("web", (("app", "web"),), "", "", False, False)
 PLACED = dataclasses.replace(FACTS, node="node-1", ip="10.0.1.1")
 READY = dataclasses.replace(PLACED, ready=True)
 DELETING = dataclasses.replace(READY, deleting=True)
+STARTED = dataclasses.replace(PLACED, sidecar_started=True)
 
 
 @pytest.mark.parametrize(("state", "facts", "expected"), [
@@ -290,6 +296,9 @@ DELETING = dataclasses.replace(READY, deleting=True)
     ("injected", PLACED, ("schedule", {"node": "node-1", "ip": "10.0.1.1"})),
     ("scheduled", READY, None),
     ("identity-issued", READY, None),
+    ("identity-issued", STARTED, ("sidecar_connected", {})),  # the kubelet started the sidecar container
+    ("identity-requested", STARTED, None),  # its certificate first
+    ("sidecar-connected", STARTED, None),
     ("config-synced", PLACED, None),
     ("config-synced", READY, ("ready", {})),
     ("ready", READY, None),
@@ -340,6 +349,8 @@ def test_a_pod_of_another_uid_than_its_machine_was_admitted_with_is_terminated_t
     ("admitted", PLACED, True), ("admitted", FACTS, False), ("identity-issued", READY, True),
     ("sidecar-connected", READY, True), ("identity-issued", PLACED, False), ("config-synced", READY, False),
     ("ready", DELETING, False), ("scheduled", None, False),
+    ("identity-requested", STARTED, True), ("scheduled", STARTED, True), ("identity-issued", STARTED, False),
+    ("sidecar-connected", STARTED, False),
     ("terminating", FACTS, True), ("terminating", None, False), ("terminating", DELETING, False),
     ("gone", FACTS, True), ("gone", None, False), ("gone", DELETING, False),
 ])
@@ -352,6 +363,12 @@ def test_facts_are_read_only_from_pods_the_injector_went_over():
     facts = pod_facts(meshed_pod(node="n", ip="10.0.0.2", ready=True))
     assert facts == PodFacts("web", (("app", "web"), ("meshloom.io/injected", "true")), "n", "10.0.0.2", True, False)
     assert pod_facts(meshed_pod(account=""))  is not None
+    started = pod_facts(trim(meshed_pod(node="n", ip="10.0.0.2", sidecar=True)))  # what the reflector keeps
+    assert started is not None and started.sidecar_started
+    running = meshed_pod(sidecar=True)
+    del running["status"]["containerStatuses"][1]["started"]  # a kubelet older than the field: its state says it
+    assert pod_facts(running).sidecar_started  # type: ignore[union-attr]
+    assert not pod_facts(meshed_pod(ready=False)).sidecar_started  # type: ignore[union-attr]
     assert pod_facts(meshed_pod(account="")).service_account == "default"  # type: ignore[union-attr]
 
 
@@ -363,7 +380,12 @@ def test_a_meshed_pod_walks_its_lifecycle_as_the_scheduler_the_kubelet_and_the_s
     assert rig.state() == "injected"  # placed on a node, but no address yet
     rig.wiring.process([event(EventType.MODIFIED, meshed_pod(node="node-1", ip="10.0.1.1", ready=False))])
     assert rig.state() == "identity-issued"
-    rig.connect_and_sync()
+    rig.wiring.process([event(EventType.MODIFIED, meshed_pod(node="node-1", ip="10.0.1.1", ready=False,
+                                                             sidecar=True))])
+    assert rig.state() == "sidecar-connected"  # the kubelet started its sidecar container
+    rig.clock.advance(0.1)
+    rig.engine.tick()
+    rig.engine.fire("sidecar", KEY, "ack", {"generation": 1}, actor="sidecar")  # its first document, acknowledged
     assert rig.state() == "config-synced"
     rig.wiring.process([event(EventType.MODIFIED, meshed_pod(node="node-1", ip="10.0.1.1", ready=True))])
     assert rig.state() == "ready"
@@ -377,7 +399,7 @@ def test_a_meshed_pod_walks_its_lifecycle_as_the_scheduler_the_kubelet_and_the_s
         ("scheduled", "schedule", "kube"),
         ("identity-requested", "identity_requested", "effect:RequestIdentity"),
         ("identity-issued", "identity_issued", f"cert/{KEY}/1"),
-        ("sidecar-connected", "sidecar_connected", "sidecar"),
+        ("sidecar-connected", "sidecar_connected", "kube"),
         ("config-synced", "config_synced", f"sidecar/{KEY}"),
         ("ready", "ready", "kube"),
         ("terminating", "terminate", "kube"),

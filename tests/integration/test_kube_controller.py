@@ -328,10 +328,9 @@ def test_a_pod_injected_by_the_webhook_walks_its_lifecycle_as_it_is_bound_runs_a
         wait_for(lambda: state() == "injected", "admitted and injected")
         node = kube.create_node()
         kube.bind_pod(ns, "web-1", node)
-        kube.set_pod_running(ns, "web-1", "10.244.1.7", ready=True)
-        wait_for(lambda: state() == "identity-issued", "scheduled, its certificate issued")
-        # The sidecar's part: it connects, and acknowledges its first document.
-        plane.engine.fire("pod", key, "sidecar_connected", actor="sidecar")
+        # The kubelet's report: running, Ready, the containers started. The sidecar's start connects the pod
+        # (its certificate issued first), and its first document goes out; the sidecar acknowledges it.
+        kube.set_pod_running(ns, "web-1", "10.244.1.7", ready=True, containers=("app", "meshloom-sidecar"))
         wait_for(lambda: (plane.store.get("sidecar", key) or _Nothing).state == "sent", "the first document sent")
         plane.engine.fire("sidecar", key, "ack", {"generation": 1}, actor="sidecar")
         wait_for(lambda: state() == "ready", "ready, once the Ready condition meets the synced configuration")
@@ -350,6 +349,7 @@ def test_a_pod_injected_by_the_webhook_walks_its_lifecycle_as_it_is_bound_runs_a
         by_state = {row["to_state"]: row for row in journal}
         assert by_state["admitted"]["actor"] == "kube" and by_state["scheduled"]["actor"] == "kube"
         assert by_state["ready"]["actor"] == "kube" and by_state["terminating"]["actor"] == "kube"
+        assert by_state["sidecar-connected"]["actor"] == "kube"
         row = plane.store.get("pod", key)
         assert row is not None and row.data["node"] == node and row.data["ip"] == "10.244.1.7"
     finally:

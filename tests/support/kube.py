@@ -184,17 +184,23 @@ class KubeAPI:
             # The client cannot deserialize the Status this returns (a known quirk), so read it raw.
             client.CoreV1Api(api).create_namespaced_pod_binding(pod, namespace, body, _preload_content=False)
 
-    def set_pod_running(self, namespace: str, pod: str, ip: str, *, ready: bool = True) -> None:
-        """What a kubelet reports: phase Running, the pod's IP, and the Ready condition."""
+    def set_pod_running(self, namespace: str, pod: str, ip: str, *, ready: bool = True,
+                        containers: tuple[str, ...] = ()) -> None:
+        """What a kubelet reports: phase Running, the pod's IP, the Ready condition, and the named containers
+        started."""
         from kubernetes import client
 
         now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         flag = "True" if ready else "False"
-        status = {"status": {
+        status: dict[str, Any] = {"status": {
             "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "10.0.0.1", "startTime": now,
             "conditions": [{"type": t, "status": flag, "lastTransitionTime": now}
                            for t in ("Initialized", "ContainersReady", "Ready", "PodScheduled")],
         }}
+        if containers:
+            status["status"]["containerStatuses"] = [
+                {"name": name, "ready": ready, "started": True, "restartCount": 0, "image": "meshloom",
+                 "imageID": "", "state": {"running": {"startedAt": now}}} for name in containers]
         with self.api_client() as api:
             client.CoreV1Api(api).patch_namespaced_pod_status(pod, namespace, status)
 
