@@ -48,6 +48,14 @@ Installed with the same backend as the IPv4 rules (`ip6tables-<nft|legacy>-resto
 (chain declared = rebuilt, jump inserted once, duplicates deleted), after the IPv4 rules; removed with them. When
 that ip6tables is not installed, the IPv4 rules are still installed and `InstallResult.ipv6_gap` says IPv6 is not
 covered. Outbound IPv6 is left as it is: it is not proxied.
+
+Pods without a sidecar (the single-host platform's `meshed: false`) get no redirect, but they still need Service
+addresses to lead somewhere, as kube-proxy makes them do on Kubernetes. One chain of our own in the nat table:
+
+    OUTPUT -> MESHLOOM_SERVICES            per Service port, DNAT to one of its endpoints, chosen at random per
+                                           connection (TCP and UDP)
+
+installed the same way (`install_services`: chain declared = rebuilt, jump inserted once).
 """
 
 from __future__ import annotations
@@ -62,17 +70,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from actions.errors import MissingPrivilege, MissingTool, PermanentError
+from catalog.world import ServiceRoute
 
 INBOUND_CHAIN = "MESHLOOM_INBOUND"
 OUTBOUND_CHAIN = "MESHLOOM_OUTBOUND"
 CHAINS = (INBOUND_CHAIN, OUTBOUND_CHAIN)
 INBOUND6_CHAIN = "MESHLOOM_INBOUND6"  # ip6tables, filter table
 CHAINS6 = (INBOUND6_CHAIN,)
+SERVICES_CHAIN = "MESHLOOM_SERVICES"  # nat table, pods without a sidecar: Service addresses to endpoints
 # Each of our chains and the built-in chain that jumps to it.
-_ENTRY = {INBOUND_CHAIN: "PREROUTING", OUTBOUND_CHAIN: "OUTPUT", INBOUND6_CHAIN: "INPUT"}
+_ENTRY = {INBOUND_CHAIN: "PREROUTING", OUTBOUND_CHAIN: "OUTPUT", INBOUND6_CHAIN: "INPUT", SERVICES_CHAIN: "OUTPUT"}
 # The built-in chains of each table we use (a jump from one of our chains to another is not an entry jump).
 _BUILTIN = {"nat": "PREROUTING|INPUT|OUTPUT|POSTROUTING", "filter": "INPUT|FORWARD|OUTPUT"}
 _JUMP_SPEC = "-p tcp -j {chain}"  # as iptables-save prints it back, so that presence is an exact comparison
+_JUMP_SPECS = {SERVICES_CHAIN: "-j {chain}"}  # TCP and UDP
 
 DEFAULT_INBOUND_PORT = 15006
 DEFAULT_OUTBOUND_PORT = 15001
@@ -194,7 +205,7 @@ def parse_ports(text: str, *, source: str) -> tuple[int, ...]:
 
 def jump_rule(chain: str) -> str:
     """Our jump as iptables-save prints it: `-A PREROUTING -p tcp -j MESHLOOM_INBOUND`."""
-    return f"-A {_ENTRY[chain]} {_JUMP_SPEC.format(chain=chain)}"
+    return f"-A {_ENTRY[chain]} {_JUMP_SPECS.get(chain, _JUMP_SPEC).format(chain=chain)}"
 
 
 def _jumps_to_ours(existing: str, table: str = "nat", chains: Sequence[str] = CHAINS) -> list[str]:
@@ -267,6 +278,24 @@ def render_rules6(settings: InitSettings, *, existing: str = "") -> str:
     # A reset rather than a silent drop: a dual-stack client falls back to IPv4 (through the sidecar) at once.
     lines.append(f"-A {chain} -p tcp -j REJECT --reject-with tcp-reset")
     lines += _jump_changes(existing, "filter", CHAINS6)
+    lines.append("COMMIT")
+    return "\n".join(lines) + "\n"
+
+
+def render_service_rules(routes: Sequence[ServiceRoute], *, existing: str = "") -> str:
+    """The `iptables-restore --noflush` input that routes a pod's connections to Service addresses, for a pod
+    without a sidecar: each connection (its first packet; conntrack does the rest) is DNATed to one endpoint, the
+    i-th of n with probability 1/(n-i) so that each gets 1/n, as kube-proxy's iptables mode does. `existing` as for
+    `render_rules`."""
+    lines = [f"# meshloom services: {len(routes)} Service port(s) routed to their endpoints", "*nat",
+             f":{SERVICES_CHAIN} - [0:0]"]
+    for r in routes:
+        match = f"-A {SERVICES_CHAIN} -d {r.address}/32 -p {r.transport} -m {r.transport} --dport {r.port}"
+        for i, (ip, port) in enumerate(r.endpoints):
+            left = len(r.endpoints) - i
+            pick = f" -m statistic --mode random --probability {1 / left:.11f}" if left > 1 else ""
+            lines.append(f"{match}{pick} -j DNAT --to-destination {ip}:{port}")
+    lines += _jump_changes(existing, "nat", (SERVICES_CHAIN,))
     lines.append("COMMIT")
     return "\n".join(lines) + "\n"
 
@@ -386,6 +415,17 @@ def install(settings: InitSettings, netns: str | None = None, backend: Backend |
     if _installed(other):
         cleaned = _remove_from(Backend(other, "the other backend"), netns)
     return InstallResult(chosen, netns, rules, cleaned, rules6, gap)
+
+
+def install_services(routes: Sequence[ServiceRoute], netns: str | None = None,
+                     backend: Backend | None = None) -> str:
+    """Route Service addresses to their endpoints (a pod without a sidecar) in one atomic iptables-restore;
+    idempotent, and the chain is rebuilt each time, so a route that went is gone. Returns the rules given."""
+    _check_privilege()
+    chosen = backend or detect_backend(netns)
+    rules = render_service_rules(routes, existing=saved_nat(chosen, netns))
+    _run(netns, [chosen.restore, "--noflush"], input=rules)
+    return rules
 
 
 def remove(netns: str | None = None) -> list[Backend]:

@@ -50,9 +50,10 @@ from pathlib import Path
 from typing import Protocol
 
 from actions.errors import MissingPrivilege, MissingTool, PermanentError
-from actions.iptables import InitSettings, install
+from actions.iptables import InitSettings, install, install_services
 from actions.netns import NETNS_ETC_DIR, HostNetwork, PodNet, check_host, spawn
 from actions.netns import run as run_in_netns
+from catalog.world import ServiceRoute
 
 APP_UID = 65534  # nobody: the workload is an unprivileged user, as in a pod
 SIDECAR_UID = 2102
@@ -171,6 +172,13 @@ class LocalPods:
         net = self.net(key)
         if net is not None:
             self.network.hosts_file(net, hosts)
+
+    def route_services(self, key: str, routes: Sequence[ServiceRoute]) -> None:
+        """For a pod without a sidecar: its connections to Service addresses go to their endpoints, as kube-proxy
+        sends them (a meshed pod's sidecar does this itself)."""
+        net = self.net(key)
+        if net is not None:
+            install_services(routes, netns=net.netns)
 
     # ---- a pod's processes ---------------------------------------------------------------------------------------
     def start(self, key: str, role: str, process: PodProcess) -> int:
@@ -309,6 +317,15 @@ def _start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def process_args(pid: int) -> list[str] | None:
+    """The command line a running process was started with; None when it is gone or not ours to read."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0")[:-1]] or None
+
+
 def _write_pid(path: Path, pid: int) -> None:
     temporary = path.with_suffix(".tmp")
     temporary.write_text(f"{pid} {_start_time(pid) or 0}\n")
@@ -417,6 +434,8 @@ class PodRuntime(Protocol):
 
     def write_hosts(self, key: str, hosts: Mapping[str, str]) -> None: ...
 
+    def route_services(self, key: str, routes: Sequence[ServiceRoute]) -> None: ...
+
     def start(self, key: str, role: str, process: PodProcess) -> int: ...
 
     def started_before(self, key: str, role: str) -> bool: ...
@@ -445,12 +464,14 @@ class FakePodNetwork:
 
 @dataclass
 class FakePod:
-    """A pod's namespace as FakeLocalPods made it: its address, hosts file and init rules (None: unmeshed)."""
+    """A pod's namespace as FakeLocalPods made it: its address, hosts file, init rules (None: unmeshed) and, for
+    a pod without a sidecar, its Service routes."""
 
     net: PodNet
     hosts: dict[str, str]
     init: InitSettings | None
     uid: str = ""
+    routes: tuple[ServiceRoute, ...] = ()
 
 
 @dataclass
@@ -546,6 +567,11 @@ class FakeLocalPods:
         slot = self._pods.get(key)
         if slot is not None:
             slot.pod.hosts = dict(hosts)
+
+    def route_services(self, key: str, routes: Sequence[ServiceRoute]) -> None:
+        slot = self._pods.get(key)
+        if slot is not None:
+            slot.pod.routes = tuple(routes)
 
     def start(self, key: str, role: str, process: PodProcess) -> int:
         with self._lock:

@@ -24,7 +24,7 @@ from catalog.policy import (
     TrafficSplit,
     TrafficTarget,
 )
-from catalog.resource import Resource
+from catalog.resource import Protocol, Resource
 
 R = TypeVar("R", bound=Resource)
 
@@ -238,3 +238,29 @@ class Index:
             return port.target_port
         found = pod.port_named(port.target_port)
         return found.container_port if found is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRoute:
+    """Where a connection to one port of a Service's virtual address goes when no sidecar takes it, as kube-proxy
+    routes it: to one of the port's endpoints, chosen per connection."""
+
+    address: str
+    port: int
+    transport: str  # "tcp" or "udp"
+    endpoints: tuple[tuple[str, int], ...]
+
+
+def service_routes(world: World) -> tuple[ServiceRoute, ...]:
+    """Every Service port with a virtual address and at least one endpoint, in key order."""
+    ix = Index(world)
+    out = []
+    for svc in ix.services.values():
+        if not svc.address:
+            continue
+        for port in svc.ports:
+            endpoints = tuple(sorted({(ip, number) for ip, number, _ in ix.addresses(svc, port)}))
+            if endpoints:
+                out.append(ServiceRoute(svc.address, port.port, "udp" if port.protocol is Protocol.UDP else "tcp",
+                                        endpoints))
+    return tuple(out)

@@ -29,7 +29,9 @@ each where a kubelet would:
     terminating              TeardownPod (an effect): processes, namespace, socket        (gone: its outcome)
 
 `reconcile` is one pass of that table over every desired pod, run every `RECONCILE_EVERY` seconds by the plane's
-scheduler; a pod outside the mesh (`meshed: false`) gets its namespace and workload only. Each pass also writes
+scheduler; a pod outside the mesh (`meshed: false`) gets its namespace, its workload, and the rules that send its
+connections to Service addresses on to their endpoints (kube-proxy's part; a meshed pod's sidecar does that
+itself), installed again when the manifest changes. Each pass also writes
 `<state>/local/status.json`: per pod its machine state, its processes (pid, restarts, how the last one ended) and
 the problem in words, which `meshctl up` prints for a pod that does not become ready.
 
@@ -65,6 +67,7 @@ from actions.localstate import (
 from actions.netns import HostNetwork
 from actions.nodeagent import endpoint_socket
 from catalog.inject import IGNORE_INCOMING_ANNOTATION, IGNORE_OUTGOING_ANNOTATION, parse_ports
+from catalog.world import ServiceRoute, service_routes
 from engine import world
 from engine.core import Engine
 from engine.plane import ControlPlane, PlaneConfig
@@ -148,6 +151,8 @@ class LocalPlatform:
         self._desired = Desired()
         self._desired_stamp: tuple[int, int, int] | None = None
         self._hosts_stamp: tuple[int, int, int] | None = None
+        self._routes: tuple[ServiceRoute, ...] = ()  # Service addresses to endpoints, for pods without a sidecar
+        self._routed: dict[str, tuple[ServiceRoute, ...]] = {}  # what each such pod has installed
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._watch: dict[str, _PodWatch] = {}
@@ -200,6 +205,7 @@ class LocalPlatform:
             for pod in desired.pods:
                 with self._lock(pod.key):
                     self.pods.write_hosts(pod.key, desired.hosts(pod.namespace))
+            self._routes = service_routes(world.load_world(self.engine.store))
             self._hosts_stamp = self._desired_stamp
         rows = {r.key: r for r in self.engine.store.list("pod")}
         status: dict[str, Any] = {}
@@ -230,6 +236,7 @@ class LocalPlatform:
             if key not in wanted and (key not in rows or rows[key].state == "gone"):
                 with self._lock(key):
                     self.pods.remove(key)
+                    self._routed.pop(key, None)
         save_status(self.state_dir, status)
 
     def _step(self, pod: DesiredPod, state: str | None, data: Mapping[str, Any]) -> None:
@@ -239,6 +246,9 @@ class LocalPlatform:
                                                             "replaces it"})
             elif state != "terminating":
                 self._ensure(pod, sidecar=False)
+                if self._routed.get(pod.key) != self._routes:
+                    self.pods.route_services(pod.key, self._routes)
+                    self._routed[pod.key] = self._routes
             return
         if state in (None, "gone"):
             self._fire(pod.key, "admit", {"namespace": pod.namespace, "name": pod.name, "uid": pod.uid,
@@ -272,11 +282,13 @@ class LocalPlatform:
         made_for = self.pods.uid_of(pod.key)
         if not pod.meshed and net is not None and made_for not in (None, pod.uid):
             self.pods.remove(pod.key)  # a pod outside the mesh whose entry changed: a new one replaces it
+            self._routed.pop(pod.key, None)
             self._watch[pod.key] = watch = _PodWatch()
             net = None
         if finish or net is None or str(net.ip) != pod.ip or made_for != pod.uid:
             self.pods.create(pod.key, pod.ip, self.desired().hosts(pod.namespace),
                              init=_init_settings(pod) if pod.meshed else None, uid=pod.uid)
+            self._routed.pop(pod.key, None)
         socket = self.agent.add_workload(pod.key, uid=SIDECAR_UID) if sidecar else None
         watch.problem = ""
         if pod.command:

@@ -140,6 +140,31 @@ def audit(ref: Annotated[str, typer.Argument(help="KIND/KEY, e.g. pod/default/we
 
 
 @app.command()
+def top(ref: Annotated[str | None, typer.Argument(help="one pod, pod/<namespace>/<name>: its traffic edge by edge",
+                                                  show_default=False)] = None,
+        namespace: Annotated[str | None, typer.Option("--namespace", "-n", help="only this namespace",
+                                                      show_default=False)] = None,
+        window: Annotated[float, typer.Option(help="seconds between two readings, for requests per second (0: one "
+                                                   "reading, totals only)", min=0, max=60)] = 1.0,
+        db: DbOpt = None, state_dir: StateDirOpt = None, out: OutputOpt = Format.table) -> None:
+    """Traffic through each pod's sidecar, from its proxy's own counters: requests in and out, requests per second,
+    success rates, what the mesh refused; for one pod, per edge (each Service and split leg it calls, each port it
+    serves) with 4xx, 5xx, errors and times. Reads the sidecars at their pod addresses: run it where they are
+    routable (the host of 'meshctl up', a node)."""
+    from actions.metrics import HttpMetrics
+    from meshctl import top as view
+
+    store = open_store(resolve(state_dir, db))
+    tops = view.collect(store, HttpMetrics(), ref=ref, namespace=namespace, window=window)
+    if out is Format.json:
+        output.print_json(view.as_json(tops))
+    elif ref is not None:
+        view.print_pod(tops[0], window=window)
+    else:
+        view.print_pods(tops, window=window)
+
+
+@app.command()
 def fire(ref: Annotated[str, typer.Argument(help="KIND/KEY of the entity")],
          trigger: Annotated[str, typer.Argument(help="the trigger, e.g. reset, terminate, rotate, retry")],
          payload: Annotated[str, typer.Option(help="the trigger's payload as a JSON object")] = "{}",
@@ -228,7 +253,7 @@ def demo(state_dir: StateDirOpt = None,
     """A ready-made mesh on this host, exercised: client -> frontend -> backend split 80/20 between two versions,
     an intruder refused by the access policy, a rate-limited route. Sends traffic, prints requests per edge, success
     rates, the mutual-TLS identities, the split and the refusals; rotates the CA live under traffic; leaves the mesh
-    up for 'meshctl state', 'meshctl audit' and 'meshctl ca status' ('meshctl down' stops it)."""
+    up for 'meshctl state', 'meshctl audit', 'meshctl top' and 'meshctl ca status' ('meshctl down' stops it)."""
     from meshctl import local
 
     local.demo(resolve(state_dir, None), subnet=subnet, prefix=prefix, timeout=timeout,

@@ -33,6 +33,7 @@ from actions.localpods import (
     LocalPods,
     last_line,
     process_alive,
+    process_args,
     spawn_detached,
     stop_process,
     unreachable_ancestor,
@@ -178,14 +179,29 @@ def up(paths: Paths, source: str, *, subnet: str | None, prefix: str | None, tim
             tuple(sorted((s.key, addresses[f"service/{s.key}"]) for s in spec.services)), refs)
         localstate.save_desired(paths.state_dir, desired)
         spawned: int | None = None
-        if control_plane_pid(paths.state_dir) is None:
+        running = control_plane_pid(paths.state_dir)
+        if running is None:
             log = paths.state_dir / "logs" / CONTROL_PLANE_LOG
             spawned = spawn_detached([str(meshctl_path()), "up", "--state-dir", str(paths.state_dir.absolute()),
                                       *plane_args], log)
+        elif changed := kept_flags(process_args(running) or [], plane_args):
+            print(f"meshctl: the control plane (pid {running}) already runs and keeps {', '.join(changed)}; "
+                  f"'meshctl down', then 'meshctl up -f' starts one with the new values", file=sys.stderr)
         _follow(paths.state_dir, store, desired, timeout, spawned=spawned, quiet=quiet)
         return UpResult(len(desired.pods), time.monotonic() - begun, spawned is not None)
     finally:
         store.close()
+
+
+def kept_flags(running: Sequence[str], asked: Sequence[str]) -> list[str]:
+    """The flags of `asked` a running control plane (its command line) was started with other values of, each as
+    `--flag VALUE (asked: OTHER)`; a flag it was started without counts as its default, which is not knowable here,
+    so it is left out."""
+    def pairs(args: Sequence[str]) -> dict[str, str]:
+        return {flag: value for flag, value in zip(args, args[1:], strict=False) if flag.startswith("--")}
+
+    was, now = pairs(running), pairs(asked)
+    return [f"{flag} {was[flag]} (asked: {value})" for flag, value in now.items() if flag in was and was[flag] != value]
 
 
 def _ready(pod: localstate.DesiredPod, row: Entity | None, status: dict[str, object]) -> bool:
@@ -382,7 +398,7 @@ def demo(paths: Paths, *, subnet: str | None, prefix: str | None, timeout: float
                   f"{rotation.certificates} SVIDs re-issued and picked up by their sidecars without a restart")
     console.print(f"  {len(results)} requests before, during and after it: {failed} failed")
     console.print(f"\nThe mesh stays up. Look at it with 'meshctl state pods|certs|sidecars|cas', "
-                  f"'meshctl audit pod/{topology.NAMESPACE}/frontend-0', 'meshctl ca status'; "
+                  f"'meshctl audit pod/{topology.NAMESPACE}/frontend-0', 'meshctl top', 'meshctl ca status'; "
                   f"stop it with 'meshctl down' (--purge also removes {paths.state_dir}).")
     if failed:
         raise MeshProblem([f"{failed} of {len(results)} requests failed during the certificate rotation"])

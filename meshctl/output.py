@@ -30,7 +30,7 @@ def print_json(rows: Any) -> None:
     print(json.dumps(rows, indent=2, sort_keys=True, default=str))
 
 
-def _table(*columns: str) -> Table:
+def table(*columns: str) -> Table:
     table = Table(box=None, pad_edge=False, header_style="bold")
     for c in columns:
         table.add_column(c, no_wrap=True)
@@ -42,29 +42,29 @@ def print_state(what: str, rows: list[Any]) -> None:
         console.print(f"no {what}")
         return
     if what == "pods":
-        t = _table("POD", "STATE", "WAITING FOR", "NODE", "IP", "IN STATE")
+        t = table("POD", "STATE", "WAITING FOR", "NODE", "IP", "IN STATE")
         for r in rows:
             waiting = r.failure if r.failure else r.waiting_for
             t.add_row(r.pod, r.state, waiting or "-", r.node or "-", r.ip or "-", duration(r.seconds_in_state))
     elif what == "certs":
-        t = _table("CERT", "STATE", "SPIFFE ID", "SERIAL", "GEN", "NOT AFTER", "TIME LEFT")
+        t = table("CERT", "STATE", "SPIFFE ID", "SERIAL", "GEN", "NOT AFTER", "TIME LEFT")
         for r in rows:
             t.add_row(r.cert, r.state, r.spiffe_id, (r.serial or "-")[:16], r.generation or "-",
                       r.not_after or "-", duration(r.seconds_left))
     elif what == "sidecars":
-        t = _table("SIDECAR", "STATUS", "STATE", "DESIRED", "SENT", "ACKED", "IN STATE")
+        t = table("SIDECAR", "STATUS", "STATE", "DESIRED", "SENT", "ACKED", "IN STATE")
         for r in rows:
             t.add_row(r.sidecar, r.status, r.state, str(r.desired), str(r.sent), str(r.acked),
                       duration(r.seconds_in_state))
     else:
-        t = _table("GENERATION", "STATE", "NOT AFTER", "TIME LEFT")
+        t = table("GENERATION", "STATE", "NOT AFTER", "TIME LEFT")
         for r in rows:
             t.add_row(r.generation, r.state, r.not_after or "-", duration(r.seconds_left))
     console.print(t)
 
 
 def print_audit(ref: str, rows: list[Any]) -> None:
-    t = _table("#", "AT", "FROM", "TO", "TRIGGER", "BY", "REASON")
+    t = table("#", "AT", "FROM", "TO", "TRIGGER", "BY", "REASON")
     for r in rows:
         reason = f"{r.reason}: {r.reason_text}" + (f" ({r.detail})" if r.detail else "")
         t.add_row(str(r.version), r.at, r.from_state or "-", r.to_state, r.trigger, r.actor, reason)
@@ -76,7 +76,7 @@ def print_ca_status(rows: list[Any]) -> None:
     if not rows:
         console.print("no CA generation yet (start the control plane: meshctl up)")
         return
-    t = _table("GENERATION", "STATE", "ROLE", "SIGNS", "KEY", "SUBJECT", "NOT AFTER", "TIME LEFT", "LIVE LEAVES")
+    t = table("GENERATION", "STATE", "ROLE", "SIGNS", "KEY", "SUBJECT", "NOT AFTER", "TIME LEFT", "LIVE LEAVES")
     for r in rows:
         t.add_row(r.generation, r.state, r.role, "yes" if r.active else "-", r.key_type, r.subject,
                   r.not_after or "-", duration(r.seconds_left), str(r.leaves))
@@ -87,7 +87,7 @@ def print_resources(kind: str, rows: list[dict[str, str]]) -> None:
     if not rows:
         console.print(f"no {kind} found")
         return
-    t = _table(*(c.upper().replace("_", " ") for c in rows[0]))
+    t = table(*(c.upper().replace("_", " ") for c in rows[0]))
     for r in rows:
         t.add_row(*r.values())
     console.print(t)

@@ -27,13 +27,16 @@ from actions.iptables import (
     backend_named,
     detect_backend,
     install,
+    install_services,
     parse_ports,
     remove,
     render_removal,
     render_rules,
     render_rules6,
+    render_service_rules,
 )
 from actions.netns import HostNetwork, NetnsError, PodNet, run
+from catalog.world import ServiceRoute
 from tests.support.netns import connect, start_listener
 
 GOLDEN = Path(__file__).parent / "golden" / "iptables"
@@ -74,6 +77,28 @@ def test_the_rendered_ipv6_rules_match_the_golden_file(case: str) -> None:
     assert path.exists(), f"{path} is missing: run MESHLOOM_UPDATE_GOLDEN=1 pytest tests/actions/test_iptables.py"
     assert rendered == path.read_text(), (
         f"{path} is stale: run MESHLOOM_UPDATE_GOLDEN=1 pytest tests/actions/test_iptables.py and review the diff")
+
+
+ROUTES = (ServiceRoute("10.96.0.10", 53, "udp", (("10.1.0.5", 5353),)),
+          ServiceRoute("10.96.0.11", 80, "tcp", (("10.1.0.2", 8080), ("10.1.0.3", 8080), ("10.1.0.4", 8080))))
+
+
+def test_the_rendered_service_routes_match_the_golden_file() -> None:
+    path = GOLDEN / "services.rules"
+    rendered = render_service_rules(ROUTES)
+    if UPDATE:
+        path.write_text(rendered)
+    assert path.exists(), f"{path} is missing: run MESHLOOM_UPDATE_GOLDEN=1 pytest tests/actions/test_iptables.py"
+    assert rendered == path.read_text(), (
+        f"{path} is stale: run MESHLOOM_UPDATE_GOLDEN=1 pytest tests/actions/test_iptables.py and review the diff")
+
+
+def test_each_of_n_endpoints_gets_one_nth_of_the_connections() -> None:
+    # The i-th rule sees what the ones before it left: (1 - 1/3) * (1 - 1/2) = 1/3 reaches the last, and so on.
+    rules = [line for line in render_service_rules(ROUTES).splitlines() if "--dport 80 " in line]
+    assert [r.split("--probability ")[1].split()[0] if "--probability" in r else None for r in rules] == [
+        "0.33333333333", "0.50000000000", None]
+    assert render_service_rules(ROUTES, existing="*nat\n-A OUTPUT -j MESHLOOM_SERVICES\nCOMMIT\n").count("-I ") == 0
 
 
 def test_the_ipv6_rules_allow_loopback_replies_and_the_admin_and_ignored_ports_and_reset_the_rest() -> None:
@@ -419,3 +444,23 @@ def test_on_a_kernel_without_ipv6_the_ipv4_rules_are_installed_and_ip6tables_is_
     result = install(InitSettings(), netns=client.netns)
     assert result.rules6 is None and result.ipv6_gap.startswith("the kernel has no IPv6")
     assert "MESHLOOM_OUTBOUND" in _save(client) and "MESHLOOM" not in _save6(client)
+
+
+@pytest.mark.integration
+def test_a_pod_without_a_sidecar_reaches_a_service_address_at_each_of_its_endpoints(
+        host_network: HostNetwork, listeners: Listeners) -> None:
+    client, one, two = (host_network.add_pod(name) for name in ("client", "one", "two"))
+    vip = str(host_network.subnet[-2])  # on the pods' link, as the single-host platform places Service addresses
+    for pod in (one, two):
+        listeners.start(pod, 8080)
+    routes = [ServiceRoute(vip, 80, "tcp", ((str(one.ip), 8080), (str(two.ip), 8080)))]
+    install_services(routes, netns=client.netns)
+    once = _save(client)
+    install_services(routes, netns=client.netns)
+    assert _save(client) == once  # idempotent
+
+    landed = {connect(client, vip, 80, uid=NOBODY).split()[0] for _ in range(24)}
+    assert landed == {f"{one.ip}:8080", f"{two.ip}:8080"}  # both, at random: all 24 on one has odds of 2^-23
+
+    install_services(routes[:0], netns=client.netns)  # the Service went: its address leads nowhere again
+    assert "DNAT" not in _save(client) and "-A OUTPUT -j MESHLOOM_SERVICES" in _save(client)

@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 
 import catalog
+from catalog.world import ServiceRoute, service_routes
+from tests.catalog import topology
 from tests.catalog.topology import manifests, pod, policy, service
 
 
@@ -181,3 +183,21 @@ def test_a_pod_in_a_namespace_the_world_does_not_know_is_meshed_only_by_its_own_
     p = catalog.parse(pod("nowhere", "a", {"app": "a"}, "a", None, []))
     assert isinstance(p, catalog.Pod) and catalog.is_meshed(p, None) is False
     assert catalog.parse(service("nowhere", "a", {"app": "a"}, [{"port": 80}])).namespace == "nowhere"
+
+
+def test_service_routes_lead_each_virtual_port_to_every_endpoint_and_skip_what_has_none() -> None:
+    w = catalog.World(catalog.parse_all([
+        topology.pod("shop", "web-0", {"app": "web"}, "web", "10.0.0.2", [{"name": "http", "containerPort": 8080}]),
+        topology.pod("shop", "web-1", {"app": "web"}, "web", "10.0.0.1", [{"name": "http", "containerPort": 8080}]),
+        topology.pod("shop", "dns-0", {"app": "dns"}, "dns", "10.0.0.3", [{"containerPort": 53, "protocol": "UDP"}]),
+        topology.service("shop", "web", {"app": "web"}, [{"name": "http", "port": 80, "targetPort": "http"}],
+                         "10.0.1.1"),
+        topology.service("shop", "dns", {"app": "dns"}, [{"port": 53, "protocol": "UDP"}], "10.0.1.2"),
+        topology.service("shop", "headless", {"app": "web"}, [{"port": 80}], "None"),
+        topology.service("shop", "nobody", {"app": "nobody"}, [{"port": 80}], "10.0.1.3"),
+    ]))
+
+    assert service_routes(w) == (
+        ServiceRoute("10.0.1.2", 53, "udp", (("10.0.0.3", 53),)),
+        ServiceRoute("10.0.1.1", 80, "tcp", (("10.0.0.1", 8080), ("10.0.0.2", 8080))),
+    )

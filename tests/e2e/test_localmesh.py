@@ -96,12 +96,13 @@ class Mesh:
     def netns(self, pod: str) -> str:
         return self.prefix + pod.replace("/", "_", 1)
 
-    def request(self, pod: str, url: str, count: int = 1) -> list[dict[str, Any]]:
-        """`count` requests from the pod's workload user, so through its sidecar."""
+    def request(self, pod: str, url: str, count: int = 1, *, close: bool = False) -> list[dict[str, Any]]:
+        """`count` requests from the pod's workload user, so through its sidecar (on one keep-alive connection, or
+        each on its own with `close`)."""
         done = subprocess.run(["ip", "netns", "exec", self.netns(pod), "setpriv", "--reuid", "65534", "--regid",
                                "65534", "--clear-groups", "--", MESHCTL, "app", "request", url, "--count",
-                               str(count), "--timeout", "5"], capture_output=True, text=True, timeout=120,
-                              check=True, cwd="/")
+                               str(count), "--timeout", "5", *(["--close"] if close else [])], capture_output=True,
+                              text=True, timeout=120, check=True, cwd="/")
         return list(json.loads(done.stdout)["results"])
 
     def control_plane_pid(self) -> int:
@@ -182,6 +183,10 @@ def test_up_brings_every_pod_to_ready_through_its_whole_life_and_down_purge_leav
         "spiffe://example.org/ns/shop/sa/client"}
     assert {r["body"]["pod"] for r in results} == {"shop/web-0", "shop/web-1"}
 
+    # Again with another tick: the running control plane keeps its own, and says so.
+    again = mesh.up("--tick", "0.25")
+    assert "3 pod(s) ready" in again.stdout and "keeps --tick 0.5 (asked: 0.25)" in again.stderr
+
     before = _leftovers(mesh.prefix, mesh.state_dir)
     assert before["namespaces"] and before["interfaces"] and before["processes"]  # the check sees a live mesh
 
@@ -248,6 +253,39 @@ def test_a_workload_that_dies_is_started_again_and_its_pod_stays_in_the_mesh(mes
         "last_exit"]
     eventually(lambda: {r["body"]["pod"] for r in mesh.request("shop/client-0", "http://web.shop.svc/", 10)} == {
         "shop/web-0", "shop/web-1"}, "the restarted replica never answered again", 60)
+
+
+def test_pods_outside_the_mesh_reach_services_by_name_as_kube_proxy_would_route_them(mesh: Mesh) -> None:
+    mesh.manifest.write_text(MANIFEST.replace("  services:\n", """\
+  - name: legacy
+    namespace: shop
+    labels: {app: legacy}
+    command: [meshctl, app, serve, --http, "8080"]
+    ports:
+    - {name: http, containerPort: 8080}
+    meshed: false
+  - name: outsider
+    namespace: shop
+    labels: {app: outsider}
+    command: [meshctl, app, serve, --http, "8080"]
+    ports:
+    - {name: http, containerPort: 8080}
+    meshed: false
+  services:
+  - name: legacy
+    namespace: shop
+    selector: {app: legacy}
+    ports:
+    - {name: http, port: 80, targetPort: 8080}
+"""))
+    mesh.up()
+
+    # Outside the mesh to outside the mesh, and to a meshed Service (permissive by default: served in plain text)
+    # at each of its replicas; from inside the mesh to a Service outside it, through the sidecar.
+    assert {r["status"] for r in mesh.request("shop/outsider-0", "http://legacy/", 5)} == {200}
+    answered = {r["body"]["pod"] for r in mesh.request("shop/outsider-0", "http://web.shop.svc/", 24, close=True)}
+    assert answered == {"shop/web-0", "shop/web-1"}  # a replica per connection, at random: 24 on one has odds 2^-23
+    assert {r["status"] for r in mesh.request("shop/client-0", "http://legacy.shop/", 5)} == {200}
 
 
 def _status(mesh: Mesh) -> dict[str, Any]:
@@ -354,6 +392,25 @@ def test_the_demo_shows_the_split_the_refusals_and_the_identities_rotates_live_a
     for pod in DEMO_PODS:
         assert [row["to_state"] for row in mesh.json("audit", f"pod/{pod}")] == LIFE
     assert {c["generation"] for c in mesh.json("state", "certs") if c["state"] == "active"} == {"2"}
+
+    # `meshctl top` reads the same traffic from the sidecars' own counters (the demo never reloads a proxy: its
+    # rotation goes through the runtime API, so no counter restarted).
+    tops = {t["pod"]: t for t in mesh.json("top", "--window", "0.5")}
+    assert set(tops) == set(DEMO_PODS) and all(t["problem"] is None for t in tops.values())
+    frontend = {(e["direction"], e["peer"]): e for e in tops["demo/frontend-0"]["edges"]}
+    served = frontend[("inbound", ":8080")]["requests"]
+    legs = [frontend[("outbound", f"demo/backend:80 > backend-v{v}")]["requests"] for v in (1, 2)]
+    assert served >= 400 and sum(legs) == served  # each request the frontend served called the backend once
+    assert 0.65 <= legs[0] / served <= 0.95
+    limited = re.search(r"(\d+) x 503", rows["client -> frontend /limited"])
+    assert limited is not None
+    assert tops["demo/frontend-0"]["refused"] == 20 + int(limited.group(1))  # the intruder's 403s, the 503s
+    (client,) = tops["demo/client-0"]["edges"]
+    assert client["requests"] == served + int(limited.group(1))
+    assert client["responses"].get("5xx") == int(limited.group(1))
+    (intruder,) = tops["demo/intruder-0"]["edges"]
+    assert intruder["responses"] == {"4xx": 20}
+    assert "demo/backend:80 > backend-v2" in mesh.meshctl("top", "pod/demo/frontend-0").stdout
 
     mesh.meshctl("down", "--purge")
     assert _leftovers(mesh.prefix, mesh.state_dir) == {

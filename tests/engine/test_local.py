@@ -194,6 +194,28 @@ def test_a_pod_outside_the_mesh_gets_its_namespace_and_workload_and_no_machine(h
     assert host.status()[WEB]["ready"] is True
 
 
+def test_a_pod_outside_the_mesh_routes_service_addresses_to_their_endpoints_and_again_when_they_change(
+        host: Host) -> None:
+    client = meshed("shop/client-0", "10.213.0.12", meshed=False)
+    store_world(host.store, _world(with_api=False), Desired(), actor="test", now=SystemClock().now())
+    host.want(meshed(), client)
+    host.settle()
+
+    made = host.pods.pod("shop/client-0")
+    assert made is not None
+    assert [(r.address, r.port, r.transport, r.endpoints) for r in made.routes] == [
+        ("10.213.128.5", 80, "tcp", ((WEB_IP, 8080),))]
+    web = host.pods.pod(WEB)
+    assert web is not None and web.routes == ()  # its sidecar routes Service addresses itself
+
+    store_world(host.store, _world(), Desired(), actor="test", now=SystemClock().now())  # `up -f` of a new manifest:
+    host.want(meshed(), client, meshed("shop/api-0", "10.213.0.11"))  # its world first, then its pods
+    host.settle()
+
+    assert [(r.address, r.endpoints) for r in made.routes] == [("10.213.128.6", (("10.213.0.11", 8080),)),
+                                                             ("10.213.128.5", ((WEB_IP, 8080),))]
+
+
 # ---- processes that die --------------------------------------------------------------------------------------------
 def test_a_process_that_dies_is_started_again_and_the_second_death_waits_for_the_backoff(host: Host) -> None:
     host.want(meshed(meshed=False))
