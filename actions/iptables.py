@@ -429,7 +429,8 @@ def install_services(routes: Sequence[ServiceRoute], netns: str | None = None,
 
 
 def remove(netns: str | None = None) -> list[Backend]:
-    """Delete our jumps and chains from every backend that has them; returns those. Idempotent."""
+    """Delete our jumps and chains (the Service routes too) from every backend that has them; returns those.
+    Idempotent."""
     _check_privilege()
     removed = []
     for name in BackendName:
@@ -445,7 +446,7 @@ def remove(netns: str | None = None) -> list[Backend]:
 def _remove_from(backend: Backend, netns: str | None) -> bool:
     """Our IPv4 chains and jumps, and the IPv6 ones when that ip6tables is installed; whether there were any."""
     found = False
-    removal = render_removal(saved_nat(backend, netns))
+    removal = render_removal(saved_nat(backend, netns), chains=(*CHAINS, SERVICES_CHAIN))
     if removal is not None:
         _run(netns, [backend.restore, "--noflush"], input=removal)
         found = True

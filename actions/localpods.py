@@ -177,8 +177,9 @@ class LocalPods:
         """For a pod without a sidecar: its connections to Service addresses go to their endpoints, as kube-proxy
         sends them (a meshed pod's sidecar does this itself)."""
         net = self.net(key)
-        if net is not None:
-            install_services(routes, netns=net.netns)
+        if net is None:
+            raise PermanentError(f"pod {key}: its network namespace does not exist")
+        install_services(routes, netns=net.netns)
 
     # ---- a pod's processes ---------------------------------------------------------------------------------------
     def start(self, key: str, role: str, process: PodProcess) -> int:
@@ -500,7 +501,8 @@ class FakeLocalPods:
     `kill`, `running` / `exited` / `started_before` answer as the real ones do. The sidecar's admin port answers
     /live and /ready with 200 while the pod's sidecar runs (0 otherwise), unless `probes[(key, path)]` says another
     code; the workload listens once it runs, unless its pod is in `deaf`. `started` keeps every start in order;
-    `removed` every removal; `created` every namespace made (a kept one is not made again)."""
+    `removed` every removal; `created` every namespace made (a kept one is not made again). While `route_error`
+    is set, installing Service routes fails with it, as a refused iptables-restore would."""
 
     def __init__(self, root: Path, subnet: str = "10.213.0.0/16", prefix: str = "fake-") -> None:
         self.root = root
@@ -511,6 +513,7 @@ class FakeLocalPods:
         self.started: list[tuple[str, str, PodProcess]] = []
         self.created: list[str] = []
         self.removed: list[str] = []
+        self.route_error = ""
         self._pods: dict[str, _FakeSlot] = {}
         self._pids = itertools.count(1000)
         self._lock = threading.Lock()
@@ -570,8 +573,11 @@ class FakeLocalPods:
 
     def route_services(self, key: str, routes: Sequence[ServiceRoute]) -> None:
         slot = self._pods.get(key)
-        if slot is not None:
-            slot.pod.routes = tuple(routes)
+        if slot is None:
+            raise PermanentError(f"pod {key}: its network namespace does not exist")
+        if self.route_error:
+            raise PermanentError(self.route_error)
+        slot.pod.routes = tuple(routes)
 
     def start(self, key: str, role: str, process: PodProcess) -> int:
         with self._lock:

@@ -24,7 +24,7 @@ from catalog.policy import (
     TrafficSplit,
     TrafficTarget,
 )
-from catalog.resource import Protocol, Resource
+from catalog.resource import Resource
 
 R = TypeVar("R", bound=Resource)
 
@@ -261,6 +261,5 @@ def service_routes(world: World) -> tuple[ServiceRoute, ...]:
         for port in svc.ports:
             endpoints = tuple(sorted({(ip, number) for ip, number, _ in ix.addresses(svc, port)}))
             if endpoints:
-                out.append(ServiceRoute(svc.address, port.port, "udp" if port.protocol is Protocol.UDP else "tcp",
-                                        endpoints))
+                out.append(ServiceRoute(svc.address, port.port, port.transport.value.lower(), endpoints))
     return tuple(out)

@@ -107,12 +107,14 @@ def pod_facts(obj: Mapping[str, Any]) -> PodFacts | None:
 
 
 def sidecar_started(status: Mapping[str, Any]) -> bool:
-    """Whether the pod's status says its sidecar container started (`started`, or a `running` state where the
-    kubelet predates the field)."""
+    """Whether the pod's status says its sidecar container started (`started`, or a `running` state from a kubelet
+    that predates the field)."""
     for c in status.get("containerStatuses") or ():
         if isinstance(c, Mapping) and c.get("name") == SIDECAR_NAME:
+            if "started" in c:  # false while a startup probe has not passed, though the container runs
+                return c["started"] is True
             state = c.get("state")
-            return c.get("started") is True or isinstance(state, Mapping) and "running" in state
+            return isinstance(state, Mapping) and "running" in state
     return False
 
 

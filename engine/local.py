@@ -83,6 +83,7 @@ BACKOFF_FIRST, BACKOFF_MAX = 1.0, 30.0  # seconds before a process that died is 
 DRAIN_SECONDS = 2.0  # a sidecar stopped by `down` drains this long
 LIVE = tuple(s.value for s in pod_machine.LIVE)
 BACKOFF_RESET = 600.0  # seconds a process must run before its next death starts the backoff over (as a kubelet)
+ROUTES_RETRY = 10.0  # seconds before a failed install of a pod's Service routes is tried again (not every pass)
 WORKERS = 8  # effect workers: injections and teardowns wait on ip, iptables and processes, not on the CPU
 
 
@@ -153,6 +154,7 @@ class LocalPlatform:
         self._hosts_stamp: tuple[int, int, int] | None = None
         self._routes: tuple[ServiceRoute, ...] = ()  # Service addresses to endpoints, for pods without a sidecar
         self._routed: dict[str, tuple[ServiceRoute, ...]] = {}  # what each such pod has installed
+        self._route_failures: dict[str, tuple[float, str]] = {}  # pod -> (when to try again, why it failed)
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._watch: dict[str, _PodWatch] = {}
@@ -236,7 +238,7 @@ class LocalPlatform:
             if key not in wanted and (key not in rows or rows[key].state == "gone"):
                 with self._lock(key):
                     self.pods.remove(key)
-                    self._routed.pop(key, None)
+                    self._forget_routes(key)
         save_status(self.state_dir, status)
 
     def _step(self, pod: DesiredPod, state: str | None, data: Mapping[str, Any]) -> None:
@@ -246,9 +248,6 @@ class LocalPlatform:
                                                             "replaces it"})
             elif state != "terminating":
                 self._ensure(pod, sidecar=False)
-                if self._routed.get(pod.key) != self._routes:
-                    self.pods.route_services(pod.key, self._routes)
-                    self._routed[pod.key] = self._routes
             return
         if state in (None, "gone"):
             self._fire(pod.key, "admit", {"namespace": pod.namespace, "name": pod.name, "uid": pod.uid,
@@ -280,17 +279,22 @@ class LocalPlatform:
         watch = self._watch.setdefault(pod.key, _PodWatch())
         net = self.pods.net(pod.key)
         made_for = self.pods.uid_of(pod.key)
-        if not pod.meshed and net is not None and made_for not in (None, pod.uid):
-            self.pods.remove(pod.key)  # a pod outside the mesh whose entry changed: a new one replaces it
-            self._routed.pop(pod.key, None)
+        if net is not None and made_for not in (None, pod.uid):
+            # Made for another incarnation: a pod outside the mesh whose entry changed, or one that joins the mesh
+            # (a meshed pod's own entry changes end its machine's life first, whose teardown removes it). A new one
+            # replaces it, with nothing of the old one: processes, rules.
+            self.pods.remove(pod.key)
+            self._forget_routes(pod.key)
             self._watch[pod.key] = watch = _PodWatch()
             net = None
         if finish or net is None or str(net.ip) != pod.ip or made_for != pod.uid:
             self.pods.create(pod.key, pod.ip, self.desired().hosts(pod.namespace),
                              init=_init_settings(pod) if pod.meshed else None, uid=pod.uid)
-            self._routed.pop(pod.key, None)
+            self._forget_routes(pod.key)
         socket = self.agent.add_workload(pod.key, uid=SIDECAR_UID) if sidecar else None
         watch.problem = ""
+        if not pod.meshed:
+            self._route_services(pod, watch)  # before the workload starts: it may call a Service at once
         if pod.command:
             self._keep_running(pod, "app", PodProcess(pod.command, APP_UID, (
                 ("POD_NAME", pod.name), ("POD_NAMESPACE", pod.namespace), ("POD_IP", pod.ip),
@@ -300,6 +304,30 @@ class LocalPlatform:
                     "--nats-url", self.nats_url(), "--run-dir", str(self.pods.pod_dir(pod.key) / "sidecar"),
                     "--drain-seconds", f"{DRAIN_SECONDS:g}")
             self._keep_running(pod, "sidecar", PodProcess(argv, SIDECAR_UID, (("HOME", "/"),)), watch)
+
+    def _forget_routes(self, key: str) -> None:
+        """The pod's namespace is gone or new: its routes (and any failure to install them) are history."""
+        self._routed.pop(key, None)
+        self._route_failures.pop(key, None)
+
+    def _route_services(self, pod: DesiredPod, watch: _PodWatch) -> None:
+        """Service addresses to their endpoints in a pod without a sidecar, when they changed; a failed install is
+        tried again after ROUTES_RETRY, its reason kept in the pod's problem meanwhile."""
+        if self._routed.get(pod.key) == self._routes:
+            return
+        failed = self._route_failures.get(pod.key)
+        if failed is not None and self._monotonic() < failed[0]:
+            watch.problem = failed[1]
+            return
+        try:
+            self.pods.route_services(pod.key, self._routes)
+        except ActionError as exc:
+            watch.problem = f"its Service routes: {exc}"
+            self._route_failures[pod.key] = (self._monotonic() + ROUTES_RETRY, watch.problem)
+            log.warning("pod %s: %s", pod.key, watch.problem)
+            return
+        self._routed[pod.key] = self._routes
+        self._route_failures.pop(pod.key, None)
 
     def _keep_running(self, pod: DesiredPod, role: str, process: PodProcess, watch: _PodWatch) -> None:
         proc = watch.procs[role]

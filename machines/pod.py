@@ -12,8 +12,9 @@ walks one path, each step waiting for one fact:
 so the state alone says what a pod that is not ready is still missing: its certificate (identity-requested), its
 sidecar's start (identity-issued), its first configuration (sidecar-connected) or its proxy (config-synced).
 The steps the mesh itself drives (everything from admission to config-synced, except waiting for the platform to
-schedule the pod) carry a deadline; a tick after it moves the pod to `failed` with `step-timed-out`, so no pod stays
-stuck unnoticed. `failed` keeps the reason; `reset` starts the pod over, `terminate` takes it out.
+schedule the pod and to start its sidecar, which on Kubernetes comes after the images are pulled) carry a
+deadline; a tick after it moves the pod to `failed` with `step-timed-out`, so no pod stays stuck unnoticed.
+`failed` keeps the reason; `reset` starts the pod over, `terminate` takes it out.
 
 `gone` is not the end: a pod deleted and created again under the same name (a StatefulSet's `web-0`, or any pod a
 user re-creates) is the same entity, and `admit` from `gone` starts its life again (reason `readmitted`). Its data is
@@ -103,8 +104,9 @@ WAITING_FOR = {
 S = PodState
 LIVE = (S.admitted, S.injected, S.scheduled, S.identity_requested, S.identity_issued, S.sidecar_connected,
         S.config_synced, S.ready)
-# The steps whose next fact the mesh produces; waiting to be scheduled is the platform's business.
-DRIVEN = (S.admitted, S.scheduled, S.identity_requested, S.identity_issued, S.sidecar_connected, S.config_synced)
+# The steps whose next fact the mesh produces; waiting to be scheduled, and for the sidecar to start (a kubelet pulls
+# the images first), is the platform's business.
+DRIVEN = (S.admitted, S.scheduled, S.identity_requested, S.sidecar_connected, S.config_synced)
 
 
 def spiffe_id(ctx: Context) -> str:
@@ -168,11 +170,11 @@ RULES: tuple[Rule, ...] = (
          update=lambda ctx: {"node": ctx.payload.get("node"), "ip": ctx.payload.get("ip")},
          effects=_request_identity, due=_deadline),
     Rule("identity_requested", (S.scheduled,), S.identity_issued, R.IDENTITY_ALREADY_ISSUED,
-         guard=_already_issued, update=lambda ctx: {"cert": ctx.payload["issued"]}, due=_deadline),
+         guard=_already_issued, update=lambda ctx: {"cert": ctx.payload["issued"]}),
     Rule("identity_requested", (S.scheduled,), S.identity_requested, R.IDENTITY_REQUESTED,
          due=_deadline),
     Rule("identity_issued", (S.identity_requested,), S.identity_issued, R.IDENTITY_ISSUED,
-         update=lambda ctx: {"cert": ctx.payload.get("cert")}, due=_deadline),
+         update=lambda ctx: {"cert": ctx.payload.get("cert")}),
     Rule("sidecar_connected", (S.identity_issued,), S.sidecar_connected, R.SIDECAR_CONNECTED,
          effects=lambda ctx: (Fire("sidecar", ctx.key, "register", {"owner": ctx.key}),),
          due=_deadline),

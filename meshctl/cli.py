@@ -56,7 +56,9 @@ class GetFormat(enum.StrEnum):
 
 
 OutputOpt = Annotated[Format, typer.Option("--output", "-o", help="table for people, json for scripts")]
-# The CA's settings, as `meshctl up` takes them (NGINX Service Mesh's defaults).
+# The CA's settings, as `meshctl up` takes them (NGINX Service Mesh's defaults), and the scheduler's tick.
+DEFAULT_TRUST_DOMAIN, DEFAULT_KEY_TYPE, DEFAULT_SVID_TTL, DEFAULT_CA_TTL = "example.org", "ec-p256", "1h", "720h"
+DEFAULT_TICK = 1.0
 TrustDomainOpt = Annotated[str, typer.Option("--trust-domain", help="SPIFFE trust domain of the mesh")]
 KeyTypeOpt = Annotated[str, typer.Option("--key-type", help="ec-p256, ec-p384, rsa-2048 or rsa-4096")]
 SvidTtlOpt = Annotated[str, typer.Option("--svid-ttl", help="lifetime of workload certificates (e.g. 1h, 30m)")]
@@ -161,7 +163,7 @@ def top(ref: Annotated[str | None, typer.Argument(help="one pod, pod/<namespace>
     elif ref is not None:
         view.print_pod(tops[0], window=window)
     else:
-        view.print_pods(tops, window=window)
+        view.print_pods(tops, window=window, namespace=namespace)
 
 
 @app.command()
@@ -198,7 +200,7 @@ def up(file: Annotated[str | None, typer.Option("--filename", "-f", help="a mesh
                                                 "and services; plus policy documents): run its pods on this host",
                                                 show_default=False)] = None,
        db: DbOpt = None, state_dir: StateDirOpt = None,
-       tick: Annotated[float, typer.Option(help="seconds between scheduler ticks", min=0.05)] = 1.0,
+       tick: Annotated[float, typer.Option(help="seconds between scheduler ticks", min=0.05)] = DEFAULT_TICK,
        run_for: Annotated[float | None, typer.Option("--for", help="stop after this many seconds", min=0)] = None,
        subnet: Annotated[str | None, typer.Option(help="with -f: the pods' bridge subnet, the lower half for pods, "
                                                       "the upper for Services [default: 10.213.0.0/16]",
@@ -207,9 +209,9 @@ def up(file: Annotated[str | None, typer.Option("--filename", "-f", help="a mesh
                                                       "veths [default: mesh-]", show_default=False)] = None,
        timeout: Annotated[float, typer.Option(help="with -f: seconds to wait for every pod to be ready", min=1)]
        = 300.0,
-       trust_domain: TrustDomainOpt = "example.org", key_type: KeyTypeOpt = "ec-p256", svid_ttl: SvidTtlOpt = "1h",
-       ca_ttl: CaTtlOpt = "720h", upstream_cert: UpstreamOpt = None, upstream_key: UpstreamKeyOpt = None,
-       upstream_bundle: UpstreamBundleOpt = None) -> None:
+       trust_domain: TrustDomainOpt = DEFAULT_TRUST_DOMAIN, key_type: KeyTypeOpt = DEFAULT_KEY_TYPE,
+       svid_ttl: SvidTtlOpt = DEFAULT_SVID_TTL, ca_ttl: CaTtlOpt = DEFAULT_CA_TTL, upstream_cert: UpstreamOpt = None,
+       upstream_key: UpstreamKeyOpt = None, upstream_bundle: UpstreamBundleOpt = None) -> None:
     """Run the control plane on its embedded default: SQLite in the state directory, the engine and its scheduler,
     the mesh CA, the node agent (SPIFFE Workload API) and NATS with mutual TLS; in the foreground, with the pods of
     the mesh on this host if `up -f` ever made one here. With -f: run a mesh manifest's pods on this host as network
@@ -227,19 +229,27 @@ def up(file: Annotated[str | None, typer.Option("--filename", "-f", help="a mesh
         return
     from meshctl import local
 
-    forwarded = ["--trust-domain", trust_domain, "--key-type", key_type, "--svid-ttl", svid_ttl, "--ca-ttl", ca_ttl,
-                 "--tick", f"{tick:g}"]
-    for flag, value in (("--upstream-cert", upstream_cert), ("--upstream-key", upstream_key),
-                        ("--upstream-bundle", upstream_bundle)):
-        if value is not None:
-            forwarded += [flag, str(value.absolute())]
-    if db is not None:
-        forwarded += ["--db", db]
+    forwarded = _plane_args(trust_domain=trust_domain, key_type=key_type, svid_ttl=svid_ttl, ca_ttl=ca_ttl,
+                            tick=tick, upstream=(upstream_cert, upstream_key, upstream_bundle), db=db)
     result = local.up(paths, file, subnet=subnet, prefix=prefix, timeout=timeout, plane_args=forwarded)
     how = "started the control plane" if result.started_control_plane else "the control plane was running"
     typer.echo(f"{result.pods} pod(s) ready in {result.seconds:.1f}s ({how}; its log: "
                f"{paths.state_dir / 'logs' / local.CONTROL_PLANE_LOG}). Inspect with 'meshctl state pods', "
                f"'meshctl audit pod/<namespace>/<name>'; stop with 'meshctl down'.")
+
+
+def _plane_args(*, trust_domain: str = DEFAULT_TRUST_DOMAIN, key_type: str = DEFAULT_KEY_TYPE,
+                svid_ttl: str = DEFAULT_SVID_TTL, ca_ttl: str = DEFAULT_CA_TTL, tick: float = DEFAULT_TICK,
+                upstream: tuple[Path | None, Path | None, Path | None] = (None, None, None),
+                db: str | None = None) -> list[str]:
+    """The flags of the control plane `up -f` starts in the background, every setting spelled out, so that a later
+    `up -f` can tell which of them a running one keeps."""
+    args = ["--trust-domain", trust_domain, "--key-type", key_type, "--svid-ttl", svid_ttl, "--ca-ttl", ca_ttl,
+            "--tick", f"{tick:g}"]
+    for flag, value in zip(("--upstream-cert", "--upstream-key", "--upstream-bundle"), upstream, strict=True):
+        if value is not None:
+            args += [flag, str(value.absolute())]
+    return args + (["--db", db] if db is not None else [])
 
 
 @app.command()
@@ -249,7 +259,7 @@ def demo(state_dir: StateDirOpt = None,
          prefix: Annotated[str | None, typer.Option(help="the name prefix of the bridge, namespaces and veths "
                                                          "[default: mesh-]", show_default=False)] = None,
          timeout: Annotated[float, typer.Option(help="seconds to wait for every pod to be ready", min=1)] = 300.0,
-         trust_domain: TrustDomainOpt = "example.org") -> None:
+         trust_domain: TrustDomainOpt = DEFAULT_TRUST_DOMAIN) -> None:
     """A ready-made mesh on this host, exercised: client -> frontend -> backend split 80/20 between two versions,
     an intruder refused by the access policy, a rate-limited route. Sends traffic, prints requests per edge, success
     rates, the mutual-TLS identities, the split and the refusals; rotates the CA live under traffic; leaves the mesh
@@ -257,7 +267,7 @@ def demo(state_dir: StateDirOpt = None,
     from meshctl import local
 
     local.demo(resolve(state_dir, None), subnet=subnet, prefix=prefix, timeout=timeout,
-               plane_args=["--trust-domain", trust_domain])
+               plane_args=_plane_args(trust_domain=trust_domain))
 
 
 @app.command()

@@ -45,7 +45,7 @@ from catalog.meshfile import MeshfileError
 from engine import local, views
 from meshctl import meshfile
 from meshctl.context import LOCK_FILE, Paths
-from store import Entity, Store, migrate
+from store import Entity, Store, migrate, redact
 
 # A terminal's own width; piped into a file or a CI log, wide enough for the demo's table on one line per edge.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
@@ -193,15 +193,23 @@ def up(paths: Paths, source: str, *, subnet: str | None, prefix: str | None, tim
         store.close()
 
 
+OPTIONAL_PLANE_FLAGS = ("--upstream-cert", "--upstream-key", "--upstream-bundle", "--db")  # absent: not used
+
+
 def kept_flags(running: Sequence[str], asked: Sequence[str]) -> list[str]:
-    """The flags of `asked` a running control plane (its command line) was started with other values of, each as
-    `--flag VALUE (asked: OTHER)`; a flag it was started without counts as its default, which is not knowable here,
-    so it is left out."""
+    """The control plane flags a running one (its command line) keeps against those asked for now, each as
+    `--flag VALUE (asked: OTHER)`. `up -f` spells out every setting but the optional ones, whose absence means
+    "none"; another setting missing from a running plane's command line (one started by hand) is not judged."""
     def pairs(args: Sequence[str]) -> dict[str, str]:
         return {flag: value for flag, value in zip(args, args[1:], strict=False) if flag.startswith("--")}
 
+    def shown(flag: str, value: str | None) -> str:
+        return "(none)" if value is None else redact(value) if flag == "--db" else value
+
     was, now = pairs(running), pairs(asked)
-    return [f"{flag} {was[flag]} (asked: {value})" for flag, value in now.items() if flag in was and was[flag] != value]
+    flags = [*now, *(f for f in OPTIONAL_PLANE_FLAGS if f in was and f not in now)]
+    return [f"{flag} {shown(flag, was.get(flag))} (asked: {shown(flag, now.get(flag))})" for flag in flags
+            if was.get(flag) != now.get(flag) and (flag in was or flag in OPTIONAL_PLANE_FLAGS)]
 
 
 def _ready(pod: localstate.DesiredPod, row: Entity | None, status: dict[str, object]) -> bool:

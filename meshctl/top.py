@@ -27,8 +27,9 @@ from meshctl.problems import UsageProblem
 from sidecar.traffic import SCRAPE_PATH, BadMetrics, Direction, Edge, Traffic, rates, read
 from store import Store
 
+# The states in which a pod's sidecar may run (a failed pod's often still does; if not, it says it is unreachable).
 RUNNING = frozenset({PodState.sidecar_connected.value, PodState.config_synced.value, PodState.ready.value,
-                     PodState.terminating.value})  # the states in which a pod's sidecar runs
+                     PodState.terminating.value, PodState.failed.value})
 _PARALLEL = 16  # readings at once: each is one short HTTP request
 
 
@@ -42,6 +43,8 @@ class PodTop:
 
 def _pods(store: Store, ref: str | None, namespace: str | None) -> list[views.PodView]:
     pods = views.pods(store, SystemClock().now())
+    if ref is not None and namespace is not None:
+        raise UsageProblem("give one pod (pod/<namespace>/<name>) or --namespace, not both")
     if ref is None:
         return [p for p in pods if namespace is None or p.pod.startswith(f"{namespace}/")]
     kind, _, key = ref.partition("/")
@@ -72,7 +75,7 @@ def collect(store: Store, source: MetricsSource, *, ref: str | None = None, name
     with ThreadPoolExecutor(max_workers=max(1, min(_PARALLEL, len(reachable)))) as pool:
         first = dict(zip((p.pod for p in reachable), pool.map(scrape, reachable), strict=True))
         second = {}
-        if window > 0 and reachable:
+        if window > 0 and any(isinstance(traffic, Traffic) for traffic, _ in first.values()):
             sleep(window)
             second = dict(zip((p.pod for p in reachable), pool.map(scrape, reachable), strict=True))
     out = []
@@ -108,9 +111,9 @@ def _rate(top: PodTop, edges: Sequence[Edge]) -> str:
     return f"{sum(top.rates.get(e.key, 0.0) for e in edges):.1f}"
 
 
-def print_pods(tops: Sequence[PodTop], *, window: float) -> None:
+def print_pods(tops: Sequence[PodTop], *, window: float, namespace: str | None = None) -> None:
     if not tops:
-        output.console.print("no pods in the mesh")
+        output.console.print(f"no pods in the mesh{f' in namespace {namespace}' if namespace else ''}")
         return
     columns = ["POD", "INBOUND", "IN RPS", "IN SUCCESS", "REFUSED", "OUTBOUND", "OUT RPS", "OUT SUCCESS"]
     if window <= 0:
@@ -158,7 +161,7 @@ def print_pod(top: PodTop, *, window: float) -> None:
     output.console.print(t)
     if top.traffic.refused:
         output.console.print(f"{top.traffic.refused} inbound request(s) or connection(s) refused by the mesh "
-                             "(access control, rate limit, body size, no client certificate)")
+                             "(access control, rate limit, body size)")
 
 
 def as_json(tops: Sequence[PodTop]) -> list[dict[str, Any]]:

@@ -12,8 +12,9 @@ edge of the pod's traffic:
     inbound:<port>                                   inbound, to the application's port
     inbound-app                                      inbound, to a port of the pod no Service names
 
-and the requests the mesh refused on the way in (access control, rate limit, body size, a client without a
-certificate) are the inbound frontends' denied counters: they never reach a backend. Backends that carried nothing
+and the requests the mesh refused on the way in (access control, rate limit, body size) are the inbound frontends'
+denied counters: they never reach a backend. (A client whose certificate fails the TLS handshake is counted
+nowhere: the handshake ends before any rule.) Backends that carried nothing
 are left out, as are the proxy's internal ones (rate-limit tables, the permissive loop).
 
 An edge's requests are HTTP requests at layer 7 and connections at layer 4. Success at layer 7 is the share of
@@ -21,8 +22,9 @@ responses below 400 (a 403 from an access policy is not a success for the caller
 connections that neither failed to connect nor broke while reading. HAProxy's times are averages over the last 1,024
 requests, and maxima since the proxy started.
 
-The counters start at zero with each proxy process (a reload starts a new one), so a rate between two readings takes
-a counter that went down as restarted from zero.
+The counters start at zero with each proxy process (a reload starts a new one), so a rate between two readings of
+different processes (the process's start time tells) counts every edge from zero, as it does an edge whose counter
+went down.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ from dataclasses import dataclass
 from prometheus_client.parser import text_string_to_metric_families
 
 # The exporter's scopes that hold every series read here: a tenth of the whole page.
-SCRAPE_PATH = "/metrics?scope=frontend&scope=backend"
+SCRAPE_PATH = "/metrics?scope=global&scope=frontend&scope=backend"
+_STARTED = "haproxy_process_start_time_seconds"
 
 _LAYER7 = ("http", "grpc")
 _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
@@ -76,7 +79,8 @@ class Edge:
             answered = sum(self.responses.values())
             good = sum(self.responses.get(c, 0) for c in ("1xx", "2xx", "3xx"))
             return good / answered if answered else None
-        return (self.requests - self.errors) / self.requests if self.requests else None
+        # HAProxy counts a connection error per attempt: a retried connection can fail more than once.
+        return max(0, self.requests - self.errors) / self.requests if self.requests else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +89,7 @@ class Traffic:
 
     edges: tuple[Edge, ...]
     refused: int  # inbound requests and connections the mesh refused
+    started: float | None = None  # when the proxy process that counted them started (seconds since the epoch)
 
     def edge(self, direction: Direction, peer: str) -> Edge | None:
         return next((e for e in self.edges if e.direction is direction and e.peer == peer), None)
@@ -129,16 +134,21 @@ def read(text: str) -> Traffic:
     backends: dict[str, dict[str, float]] = defaultdict(dict)
     responses: dict[str, dict[str, int]] = defaultdict(dict)
     refused = 0.0
+    started: float | None = None
     try:
         for family in text_string_to_metric_families(text):
             for s in family.samples:
+                if not math.isfinite(s.value):  # NaN for what HAProxy cannot say (a downtime never measured)
+                    continue
                 proxy = s.labels.get("proxy", "")
-                if s.name in _DENIED and proxy.startswith("inbound") and not math.isnan(s.value):
+                if s.name in _DENIED and proxy.startswith("inbound"):
                     refused += s.value
                 elif s.name == "haproxy_backend_http_responses_total":
                     responses[proxy][s.labels.get("code", "other")] = int(s.value)
-                elif s.name.startswith("haproxy_backend_") and not math.isnan(s.value):
+                elif s.name.startswith("haproxy_backend_"):
                     backends[proxy][s.name.removeprefix("haproxy_backend_")] = s.value
+                elif s.name == _STARTED:
+                    started = s.value
     except ValueError as exc:
         raise BadMetrics(f"not a Prometheus exposition: {exc}") from None
     edges = []
@@ -158,15 +168,16 @@ def read(text: str) -> Traffic:
         edges.append(Edge(direction, peer, protocol, requests, codes, errors, series.get("total_time_average_seconds"),
                           series.get("max_total_time_seconds")))
     edges.sort(key=lambda e: (e.direction.value, e.peer))
-    return Traffic(tuple(edges), int(refused))
+    return Traffic(tuple(edges), int(refused), started)
 
 
 def rates(before: Traffic, after: Traffic, seconds: float) -> dict[tuple[str, str], float]:
-    """Requests per second of each edge of `after` between the two readings (a counter that went down restarted
-    with a new proxy process: it counts from zero)."""
+    """Requests per second of each edge of `after` between the two readings; across a new proxy process (another
+    start time, or a counter that went down) an edge counts from zero."""
     if seconds <= 0:
         raise ValueError("the readings must be apart in time")
-    earlier = {e.key: e.requests for e in before.edges}
+    restarted = before.started is not None and after.started is not None and before.started != after.started
+    earlier = {} if restarted else {e.key: e.requests for e in before.edges}
     out = {}
     for e in after.edges:
         previous = earlier.get(e.key, 0)

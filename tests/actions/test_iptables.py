@@ -464,3 +464,5 @@ def test_a_pod_without_a_sidecar_reaches_a_service_address_at_each_of_its_endpoi
 
     install_services(routes[:0], netns=client.netns)  # the Service went: its address leads nowhere again
     assert "DNAT" not in _save(client) and "-A OUTPUT -j MESHLOOM_SERVICES" in _save(client)
+    remove(netns=client.netns)
+    assert "MESHLOOM" not in _save(client)

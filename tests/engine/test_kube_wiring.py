@@ -369,6 +369,9 @@ def test_facts_are_read_only_from_pods_the_injector_went_over():
     del running["status"]["containerStatuses"][1]["started"]  # a kubelet older than the field: its state says it
     assert pod_facts(running).sidecar_started  # type: ignore[union-attr]
     assert not pod_facts(meshed_pod(ready=False)).sidecar_started  # type: ignore[union-attr]
+    probing = meshed_pod(sidecar=True)
+    probing["status"]["containerStatuses"][1]["started"] = False  # running, its startup probe not passed yet
+    assert not pod_facts(probing).sidecar_started  # type: ignore[union-attr]
     assert pod_facts(meshed_pod(account="")).service_account == "default"  # type: ignore[union-attr]
 
 

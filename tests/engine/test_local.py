@@ -22,7 +22,7 @@ from actions.nodeagent import FakeSvidDelivery
 from actions.vault import MemoryVault
 from catalog import ValidationError
 from engine import Engine, Policy, ensure_ca
-from engine.local import BACKOFF_FIRST, NODE, LocalPlatform, store_world, stored_addresses
+from engine.local import BACKOFF_FIRST, NODE, ROUTES_RETRY, LocalPlatform, store_world, stored_addresses
 from store import Store
 from tests.catalog import topology
 from tests.support.documents import DocumentedStore
@@ -317,6 +317,58 @@ def test_a_meshed_pod_taken_out_of_the_mesh_ends_its_life_and_comes_back_without
     made = host.pods.pod(WEB)
     assert made is not None and made.init is None
     assert host.pods.running(WEB, "sidecar") is None and host.pods.running(WEB, "app") is not None
+
+
+def test_a_pod_that_joins_the_mesh_is_made_again_without_the_old_workload_or_its_service_routes(
+        host: Host) -> None:
+    store_world(host.store, _world(with_api=False), Desired(), actor="test", now=SystemClock().now())
+    host.want(meshed(meshed=False))
+    host.settle()
+    old = host.pods.process(WEB, "app")
+    before = host.pods.pod(WEB)
+    assert old is not None and before is not None and before.routes
+
+    host.want(meshed())
+    host.settle()  # admitted, and injected by the effect
+
+    made = host.pods.pod(WEB)
+    assert host.pods.removed == [WEB] and made is not None and made is not before
+    assert made.init is not None and made.routes == ()  # its sidecar routes Service addresses now
+    app = host.pods.process(WEB, "app")
+    assert app is not None and app.pid != old.pid  # the old workload went with its namespace
+
+
+def test_a_pods_service_routes_are_in_place_before_its_workload_starts_and_a_failed_install_waits_to_retry(
+        host: Host) -> None:
+    store_world(host.store, _world(with_api=False), Desired(), actor="test", now=SystemClock().now())
+    routes_at_start = []
+    start = host.pods.start
+
+    def recording_start(key: str, role: str, process: Any) -> int:
+        made = host.pods.pod(key)
+        routes_at_start.append(made.routes if made is not None else None)
+        return start(key, role, process)
+
+    host.pods.start = recording_start  # type: ignore[method-assign]
+    host.pods.route_error = "iptables-nft-restore failed at line 3 of the rules: No chain/target/match"
+    host.want(meshed(meshed=False))
+    host.settle()
+
+    assert host.pods.running(WEB, "app") is not None  # the workload runs all the same
+    assert host.status()[WEB]["problem"] == f"its Service routes: {host.pods.route_error}"
+    host.pods.route_error = ""
+    host.seconds[0] += ROUTES_RETRY - 1
+    host.settle()
+    made = host.pods.pod(WEB)
+    assert made is not None and made.routes == ()  # not tried again before its time
+    assert host.status()[WEB]["problem"].startswith("its Service routes")
+    host.seconds[0] += 1
+    host.settle()
+    assert made.routes and host.status()[WEB]["problem"] == ""
+
+    host.want(meshed(meshed=False, env=(("GREETING", "hello"),)))  # a new incarnation, routes and all
+    host.settle()
+    assert routes_at_start[-1] and host.pods.process(WEB, "app").env["GREETING"] == "hello"  # type: ignore[union-attr]
 
 
 def test_an_injection_a_killed_control_plane_left_half_done_is_finished(host: Host) -> None:

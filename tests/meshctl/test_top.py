@@ -125,6 +125,16 @@ def test_a_ref_that_is_not_a_pod_or_names_no_pod_is_refused(store) -> None:
         top.collect(store, FakeMetrics({}), ref="cert/demo/frontend-0/1")
     with pytest.raises(UnknownEntity):
         top.collect(store, FakeMetrics({}), ref="pod/demo/nope-0")
+    with pytest.raises(UsageProblem, match="not both"):
+        top.collect(store, FakeMetrics({}), ref="pod/demo/frontend-0", namespace="demo")
+
+
+def test_when_no_pod_answers_there_is_no_window_to_wait_out(store, capsys) -> None:
+    ticks = Ticks()
+    tops = top.collect(store, FakeMetrics({}), window=5.0, sleep=ticks.sleep, clock=ticks)
+    assert ticks.slept == [] and all(t.traffic is None for t in tops)
+    top.print_pods(top.collect(store, FakeMetrics({}), namespace="other", window=0), window=0, namespace="other")
+    assert capsys.readouterr().out.strip() == "no pods in the mesh in namespace other"
 
 
 def test_the_command_refuses_a_bad_ref_and_a_bad_window_in_one_line(capsys, tmp_path, store) -> None:

@@ -1,9 +1,9 @@
 """Reading a pod's traffic from its proxy's metrics.
 
-The pages in data/ are real: HAProxy's exporter (`scope=frontend&scope=backend`) on three pods of `meshctl demo`
-after its traffic, trimmed to the series that `sidecar/traffic.py` reads. frontend-0 served 490 requests and called
-the backend split 384 / 106; the mesh refused 40 requests on its way in (20 from the intruder, 20 over the rate
-limit); client-0 got 20 of those 503s, intruder-0 the 403s.
+The pages in data/ are real: HAProxy's exporter (`scope=global&scope=frontend&scope=backend`) on three pods of
+`meshctl demo` after its traffic, trimmed to the series that `sidecar/traffic.py` reads. frontend-0 served 490
+requests and called the backend split 384 / 106; the mesh refused 40 requests on its way in (20 from the intruder,
+20 over the rate limit); client-0 got 20 of those 503s, intruder-0 the 403s.
 """
 
 from __future__ import annotations
@@ -75,6 +75,8 @@ haproxy_backend_connection_errors_total{proxy="tcp:shop.db:5432"} 2
 haproxy_backend_response_errors_total{proxy="tcp:shop.db:5432"} 1
 # TYPE haproxy_backend_downtime_seconds_total counter
 haproxy_backend_downtime_seconds_total{proxy="tcp:shop.db:5432"} NaN
+# TYPE haproxy_backend_max_total_time_seconds gauge
+haproxy_backend_max_total_time_seconds{proxy="tcp:shop.db:5432"} +Inf
 """
 
 
@@ -90,6 +92,10 @@ def test_layer_4_edges_count_connections_and_their_failures_and_internal_backend
     }  # nothing for the rate-limit table, the permissive loop, or a Service nobody called
     db = traffic.edge(Direction.outbound, "shop/db:5432")
     assert db is not None and db.success == pytest.approx(0.7) and db.responses == {}
+    assert db.max_seconds is None  # what HAProxy cannot say (NaN, +Inf) is left unsaid
+    db_errors = 'connection_errors_total{proxy="tcp:shop.db:5432"}'
+    retried = read(LAYER4.replace(f"{db_errors} 2", f"{db_errors} 12"))  # more failed attempts than connections
+    assert retried.edge(Direction.outbound, "shop/db:5432").success == 0.0  # type: ignore[union-attr]
     assert traffic.refused == 5  # inbound frontends only: the outbound one's denials are its own loop guard
     assert traffic.success(Direction.outbound) == pytest.approx(15 / 18)
 
@@ -111,6 +117,10 @@ def test_rates_are_per_edge_and_a_counter_that_went_down_restarted_from_zero() -
     reloaded = read(page("client").replace("} 510", "} 6"))  # a reload: a new process counts from zero
     assert rates(before, reloaded, 2.0) == {("outbound", "demo/frontend:80"): 3.0}
     assert rates(read(""), before, 10.0) == {("outbound", "demo/frontend:80"): 51.0}  # an edge new since
+    assert before.started == 1795735593
+    # A reload between the readings whose new process already counted past the old one: its start time tells.
+    reloaded_busy = read(page("client").replace("} 510", "} 600").replace("1795735593", "1795735700"))
+    assert rates(before, reloaded_busy, 2.0) == {("outbound", "demo/frontend:80"): 300.0}
     with pytest.raises(ValueError):
         rates(before, after, 0)
 
