@@ -207,7 +207,8 @@ class LocalPlatform:
             for pod in desired.pods:
                 with self._lock(pod.key):
                     self.pods.write_hosts(pod.key, desired.hosts(pod.namespace))
-            self._routes = service_routes(world.load_world(self.engine.store))
+            if any(not pod.meshed for pod in desired.pods):  # only they need the routes: no world read otherwise
+                self._routes = service_routes(world.load_world(self.engine.store))
             self._hosts_stamp = self._desired_stamp
         rows = {r.key: r for r in self.engine.store.list("pod")}
         status: dict[str, Any] = {}

@@ -31,10 +31,10 @@ def print_json(rows: Any) -> None:
 
 
 def table(*columns: str) -> Table:
-    table = Table(box=None, pad_edge=False, header_style="bold")
+    t = Table(box=None, pad_edge=False, header_style="bold")
     for c in columns:
-        table.add_column(c, no_wrap=True)
-    return table
+        t.add_column(c, no_wrap=True)
+    return t
 
 
 def print_state(what: str, rows: list[Any]) -> None:

@@ -42,9 +42,9 @@ class PodTop:
 
 
 def _pods(store: Store, ref: str | None, namespace: str | None) -> list[views.PodView]:
-    pods = views.pods(store, SystemClock().now())
     if ref is not None and namespace is not None:
         raise UsageProblem("give one pod (pod/<namespace>/<name>) or --namespace, not both")
+    pods = views.pods(store, SystemClock().now())
     if ref is None:
         return [p for p in pods if namespace is None or p.pod.startswith(f"{namespace}/")]
     kind, _, key = ref.partition("/")

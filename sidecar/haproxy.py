@@ -136,7 +136,13 @@ INSPECT_DELAY = "5s"
 HARD_STOP_AFTER = "5m"  # an old worker left by a reload closes its last connections after this long
 ALL = "all"  # grant: every request on the port
 
-_L7 = (Protocol.HTTP.value, Protocol.GRPC.value)
+# Backends that are not a Service port's (those are `<protocol>:<namespace>.<service>:<port>[:<split leg>]`);
+# sidecar/traffic.py reads the pod's traffic by these names.
+PASSTHROUGH_BACKEND = "outbound-passthrough"  # out of the mesh
+POD_BACKEND = "outbound-pod"  # to a meshed pod by its address
+INBOUND_BACKEND = "inbound:"  # + the application's port
+APP_BACKEND = "inbound-app"  # to a port of the pod no Service names
+L7 = (Protocol.HTTP.value, Protocol.GRPC.value)
 _BALANCE = {
     LoadBalancingMethod.ROUND_ROBIN.value: "roundrobin",
     LoadBalancingMethod.LEAST_CONN.value: "leastconn",
@@ -579,7 +585,7 @@ class _Renderer:
                         pods[e.key] = _verify_host(e.spiffe_id, f"{here}.endpoints")
                 root = f"{protocol}:{ns}.{name}:{number}"
                 self._service_backend(root, protocol, endpoints, breaker, by_ns, ns, where)
-                if protocol in _L7:
+                if protocol in L7:
                     l7_backends.append(root)
                 if address:
                     outbound_map[f"{address}:{number}"] = root
@@ -607,16 +613,16 @@ class _Renderer:
         lines += ["    " + r for r in rules]
         lines.append("    use_backend %[var(sess.be)] if { var(sess.be) -m found }")
         if self.tls_out:
-            lines.append("    use_backend outbound-pod if { var(sess.peer) -m found }")
-        lines.append("    default_backend outbound-passthrough")
+            lines.append(f"    use_backend {POD_BACKEND} if {{ var(sess.peer) -m found }}")
+        lines.append(f"    default_backend {PASSTHROUGH_BACKEND}")
 
-        passthrough = _Backend("outbound-passthrough", "tcp", "tcp")
+        passthrough = _Backend(PASSTHROUGH_BACKEND, "tcp", "tcp")
         # A connection made straight to this frontend has itself as original destination: refuse the loop.
         passthrough.lines += [f"tcp-request content reject if {{ dst_port {self.ports.outbound} }} {{ dst_is_local }}",
                               "server orig 0.0.0.0"]
         self.backends.append(passthrough)
         if self.tls_out:
-            pod = _Backend("outbound-pod", "tcp", "tcp")
+            pod = _Backend(POD_BACKEND, "tcp", "tcp")
             pod.lines.append(f"server pod 0.0.0.0 {self._tls_client()} sni var(sess.peer)")
             self.backends.append(pod)
         return ["\n".join(lines) + "\n"]
@@ -627,7 +633,7 @@ class _Renderer:
 
     def _service_backend(self, name: str, protocol: str, endpoints: list[_Endpoint], breaker: Any,
                          by_ns: Mapping[tuple[str, str], Mapping[str, Any]], ns: str, where: str) -> None:
-        b = _Backend(name, "http" if protocol in _L7 else "tcp", protocol)
+        b = _Backend(name, "http" if protocol in L7 else "tcp", protocol)
         b.lines.append(f"balance {self.balance}")
         check = ""
         fallback: list[_Endpoint] = []
@@ -680,7 +686,7 @@ class _Renderer:
                by_ns: Mapping[tuple[str, str], Mapping[str, Any]], where: str) -> list[str]:
         raw_matches = split.get("matches")
         matches = None if raw_matches is None else _matches(raw_matches, f"{where}.matches")
-        if matches is not None and (not matches or protocol not in _L7):
+        if matches is not None and (not matches or protocol not in L7):
             return []  # no request can match: everything goes to the root
         legs: list[tuple[str, int]] = []
         for i, leg in enumerate(_list(split, "backends", where)):
@@ -729,7 +735,7 @@ class _Renderer:
     def _limits_by_port(self) -> dict[int, list[Mapping[str, Any]]]:
         out: dict[int, list[Mapping[str, Any]]] = {}
         for number, protocol, p in self._ports():
-            if protocol in _L7:
+            if protocol in L7:
                 limits = [rl for rl in _list(p, "rateLimits", f"inbound port {number}")
                           if rl.get("sources") is None or rl.get("sources")]
                 if limits:
@@ -738,7 +744,7 @@ class _Renderer:
 
     def _inbound(self) -> list[str]:
         ports = self._ports()
-        l7 = [n for n, proto, _ in ports if proto in _L7]
+        l7 = [n for n, proto, _ in ports if proto in L7]
         deny = self.access is AccessControlMode.DENY
         grants: dict[str, str] = {}
         route_sets: dict[str, tuple[str, tuple[_Match, ...]]] = {}  # canonical routes -> (label, matches)
@@ -749,7 +755,7 @@ class _Renderer:
                     sid, routes = _field(g, "spiffeId", here), g.get("routes")
                     if routes is None:
                         grants[f"{number}:{sid}"] = ALL
-                    elif protocol in _L7 and routes:
+                    elif protocol in L7 and routes:
                         canonical = json.dumps(routes, sort_keys=True)
                         if canonical not in route_sets:
                             route_sets[canonical] = (f"routes{len(route_sets) + 1}", _matches(routes, here))
@@ -758,11 +764,11 @@ class _Renderer:
 
         self._prepare_policy(l7, deny, list(route_sets.values()))
         for number, protocol, _ in ports:
-            b = _Backend(f"inbound:{number}", "http" if protocol in _L7 else "tcp", protocol)
+            b = _Backend(f"{INBOUND_BACKEND}{number}", "http" if protocol in L7 else "tcp", protocol)
             h2 = " proto h2" if protocol == Protocol.GRPC.value else ""
             b.lines.append(f"server app 127.0.0.1:{number}{h2}")
             self.backends.append(b)
-        app = _Backend("inbound-app", "tcp", "tcp")
+        app = _Backend(APP_BACKEND, "tcp", "tcp")
         # The application at the original port; never one of the proxy's own ports on 127.0.0.1 (a connection
         # made straight to such a port would be sent back to the proxy itself, again and again).
         local = ("", "0.0.0.0", "127.0.0.1")
@@ -780,7 +786,7 @@ class _Renderer:
         head = [f"acl known_port dst_port {known}" if ports else "acl known_port always_false"]
         if l7:
             head.append("acl l7_port dst_port " + " ".join(str(n) for n in l7))
-        routing = ["use_backend inbound:%[dst_port] if known_port", "default_backend inbound-app"]
+        routing = [f"use_backend {INBOUND_BACKEND}%[dst_port] if known_port", f"default_backend {APP_BACKEND}"]
         # Fail closed: `commit ssl cert` of a leaf without DNS SAN or CN drops `verify required` (TESTBED.md).
         verified = ["tcp-request content reject unless { ssl_c_used } { ssl_c_verify 0 }",
                     *self._policy(tls=True), *routing]
@@ -804,7 +810,7 @@ class _Renderer:
             *(["tcp-request content reject if { req.ssl_hello_type 1 }"] if self.deny else []),
             *self._policy(tls=False),
             "use_backend inbound-mtls-loop if { var(sess.mesh) -m bool }",
-            *([] if self.deny else ["use_backend inbound-app if { req.ssl_hello_type 1 }"]),  # the app's own TLS
+            *([] if self.deny else [f"use_backend {APP_BACKEND} if {{ req.ssl_hello_type 1 }}"]),  # the app's own TLS
             *routing,
         ]
         return [self._frontend("inbound", bind, plain),

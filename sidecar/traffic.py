@@ -37,11 +37,12 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from sidecar.haproxy import APP_BACKEND, INBOUND_BACKEND, L7, PASSTHROUGH_BACKEND, POD_BACKEND
+
 # The exporter's scopes that hold every series read here: a tenth of the whole page.
 SCRAPE_PATH = "/metrics?scope=global&scope=frontend&scope=backend"
 _STARTED = "haproxy_process_start_time_seconds"
 
-_LAYER7 = ("http", "grpc")
 _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")
 _INTERNAL = ("ratelimit:", "inbound-mtls")
 _DENIED = ("haproxy_frontend_requests_denied_total", "haproxy_frontend_denied_connections_total",
@@ -75,7 +76,7 @@ class Edge:
     @property
     def success(self) -> float | None:
         """The share of successes, 0 to 1; None before anything was answered."""
-        if self.protocol in _LAYER7:
+        if self.protocol in L7:
             answered = sum(self.responses.values())
             good = sum(self.responses.get(c, 0) for c in ("1xx", "2xx", "3xx"))
             return good / answered if answered else None
@@ -102,7 +103,7 @@ class Traffic:
         good = answered = 0.0
         for e in self.edges:
             if e.direction is direction and (share := e.success) is not None:
-                weight = sum(e.responses.values()) if e.protocol in _LAYER7 else e.requests
+                weight = sum(e.responses.values()) if e.protocol in L7 else e.requests
                 good += share * weight
                 answered += weight
         return good / answered if answered else None
@@ -112,14 +113,14 @@ def describe(backend: str) -> tuple[Direction, str, str] | None:
     """A backend's edge as (direction, peer, protocol); None for the proxy's internal backends."""
     if backend.startswith(_INTERNAL):
         return None
-    if backend == "outbound-pod":
+    if backend == POD_BACKEND:
         return Direction.outbound, "(pods by address)", "tcp"
-    if backend == "outbound-passthrough":
+    if backend == PASSTHROUGH_BACKEND:
         return Direction.outbound, "(outside the mesh)", "tcp"
-    if backend == "inbound-app":
+    if backend == APP_BACKEND:
         return Direction.inbound, "(ports without a Service)", "tcp"
-    if backend.startswith("inbound:"):
-        return Direction.inbound, ":" + backend.removeprefix("inbound:"), ""
+    if backend.startswith(INBOUND_BACKEND):
+        return Direction.inbound, ":" + backend.removeprefix(INBOUND_BACKEND), ""
     protocol, sep, rest = backend.partition(":")
     parts = rest.split(":")
     if not sep or len(parts) not in (2, 3) or "." not in parts[0]:
